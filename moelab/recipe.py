@@ -1,0 +1,174 @@
+"""The recipe: a mergekit-moe compatible YAML schema, loaded and validated with errors that name the line and the fix."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from moelab.errors import MoelabError
+
+GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random", "hidden_last", "hidden_avg")
+PROMPTED_GATE_MODES = ("hidden", "cheap_embed", "hidden_last", "hidden_avg")
+RANDOM_GATE_MODES = ("random", "uniform_random")
+
+# Output architectures. Keys are moelab ids; values are the spellings mergekit-moe accepts (it prefix-matches,
+# case-insensitively), so its recipes work unchanged.
+ARCHITECTURE_ALIASES = {
+    "mixtral": ("mixtral",),
+    "qwen2_moe": ("qwen2_moe", "qwen moe", "qwen2 moe", "qwen2moe"),
+    "qwen3_moe": ("qwen3_moe", "qwen3 moe", "qwen3moe"),
+    "deepseek_moe": ("deepseek_moe", "deepseek moe", "deepseek"),
+}
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16",
+          "float32": "float32", "fp32": "float32", "float": "float32"}
+
+
+class Expert(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source_model: str
+    positive_prompts: list[str] = Field(default_factory=list)
+    negative_prompts: list[str] = Field(default_factory=list)
+    noise_scale: Optional[float] = None
+    residual_scale: Optional[float] = None
+    # moelab addition: a short label used by chat, compare and the model card.
+    name: Optional[str] = None
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str
+    experts: list[Expert]
+    gate_mode: str = "hidden"
+    dtype: Optional[str] = None
+    experts_per_token: int = 2
+    shared_experts: Optional[list[Expert]] = None
+    architecture: Optional[str] = None
+    # moelab additions.
+    name: Optional[str] = None
+    seed: int = 0
+    allow_identical_experts: bool = False
+
+    def expert_names(self) -> list[str]:
+        return [e.name or f"E{i}" for i, e in enumerate(self.experts)]
+
+    def output_architecture(self) -> Optional[str]:
+        """The moelab id of the requested output architecture, or None to infer it from the models."""
+        if self.architecture is None:
+            return None
+        asked = self.architecture.strip().lower()
+        for arch_id, spellings in ARCHITECTURE_ALIASES.items():
+            if any(asked.startswith(s) for s in spellings):
+                return arch_id
+        known = ", ".join(ARCHITECTURE_ALIASES)
+        raise MoelabError(f"unknown architecture '{self.architecture}': use one of {known}, or leave it out to infer it")
+
+    def torch_dtype_name(self) -> Optional[str]:
+        return None if self.dtype is None else DTYPES[self.dtype.lower()]
+
+
+def recipe_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_recipe(path: str | Path, allow_identical_experts: bool = False) -> tuple[Recipe, str]:
+    """Read and validate a recipe file; returns the recipe and its text as given (stored beside the model)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise MoelabError(f"cannot read recipe {path}: {err.strerror}; check the path") from None
+    return parse_recipe(text, str(path), allow_identical_experts), text
+
+
+def parse_recipe(text: str, source: str = "<recipe>", allow_identical_experts: bool = False) -> Recipe:
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise MoelabError(f"{source}: malformed YAML{where}: {problem}; fix the YAML syntax there") from None
+    if not isinstance(data, dict):
+        raise MoelabError(f"{source}: a recipe is a YAML mapping with base_model and experts; got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise MoelabError(f"{source}{_line_of(root, first['loc'])}: {_describe(first)}") from None
+    recipe.allow_identical_experts = recipe.allow_identical_experts or allow_identical_experts
+    _check_recipe(recipe, source)
+    return recipe
+
+
+def _describe(error: dict) -> str:
+    field = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown field '{field}'; check its spelling against the recipe format in README.md"
+    if error["type"] == "missing":
+        return f"missing required field '{field}'"
+    return f"field '{field}': {error['msg']}"
+
+
+def _line_of(node, loc: tuple) -> str:
+    """' (line N)' for the YAML node at a pydantic error location, as far down as it exists."""
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == key]
+            if not match:
+                break
+            key_node, node = match[0]
+            line = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return f" (line {line})" if line else ""
+
+
+def _check_recipe(recipe: Recipe, source: str) -> None:
+    n = len(recipe.experts)
+    if n == 0:
+        raise MoelabError(f"{source}: 'experts' is empty; list at least one expert with a source_model")
+    if not 1 <= recipe.experts_per_token <= n:
+        raise MoelabError(
+            f"{source}: experts_per_token is {recipe.experts_per_token} but there are {n} experts; "
+            f"set it between 1 and {n}")
+    if recipe.gate_mode not in GATE_MODES:
+        raise MoelabError(f"{source}: unknown gate_mode '{recipe.gate_mode}'; use one of {', '.join(GATE_MODES)}")
+    if recipe.dtype is not None and recipe.dtype.lower() not in DTYPES:
+        raise MoelabError(f"{source}: unknown dtype '{recipe.dtype}'; use bfloat16, float16 or float32")
+    recipe.output_architecture()
+    if recipe.shared_experts is not None and len(recipe.shared_experts) > 1:
+        raise MoelabError(
+            f"{source}: {len(recipe.shared_experts)} shared experts given; the supported layouts take at most one "
+            "(merge them first, or keep one)")
+    names = recipe.expert_names()
+    if len(set(names)) != len(names):
+        raise MoelabError(f"{source}: expert names must be unique; got {names}")
+    if recipe.gate_mode in PROMPTED_GATE_MODES:
+        for i, expert in enumerate(recipe.experts):
+            if not expert.positive_prompts:
+                raise MoelabError(
+                    f"{source}: expert {i} ({names[i]}) has no positive_prompts, which gate_mode "
+                    f"'{recipe.gate_mode}' needs; add prompts or use gate_mode: random")
+        prompt_sets = {(tuple(e.positive_prompts), tuple(e.negative_prompts)) for e in recipe.experts}
+        if n > 1 and len(prompt_sets) == 1:
+            raise MoelabError(
+                f"{source}: all experts have the same prompts, so the router cannot tell them apart; "
+                "give each expert prompts of its own domain")
+    sources = {e.source_model for e in recipe.experts}
+    if (n > 1 and len(sources) == 1 and recipe.gate_mode not in RANDOM_GATE_MODES
+            and not recipe.allow_identical_experts):
+        raise MoelabError(
+            f"{source}: all experts are the same model ({recipe.experts[0].source_model}), so the MoE computes "
+            "exactly what that model does and routing changes nothing until it is trained; set "
+            "allow_identical_experts: true (or pass --allow-identical-experts) if that is what you want")
