@@ -46,7 +46,7 @@ def build(
     parsed, text = load_recipe(recipe, allow_identical_experts)
     options = BuildOptions(device=device, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
                            shard_bytes=parse_size(shard_size), seed=seed, force=force)
-    result = build_moe(parsed, text, out, options)
+    result = build_moe(parsed, text, out, options, recipe_dir=recipe.parent)
     console.print(f"[green]built[/green] {result.architecture} with {result.num_experts} experts "
                   f"({result.total_bytes / 1e9:.2f} GB in {result.num_shards} shard(s)) at {out}")
     for warning in result.warnings:

@@ -94,6 +94,9 @@ def parse_recipe(text: str, source: str = "<recipe>", allow_identical_experts: b
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and context_mark:
+            problem += f" ({context} started at line {context_mark.line + 1})"
         raise MoelabError(f"{source}: malformed YAML{where}: {problem}; fix the YAML syntax there") from None
     if not isinstance(data, dict):
         raise MoelabError(f"{source}: a recipe is a YAML mapping with base_model and experts; got {type(data).__name__}")
@@ -138,6 +141,8 @@ def _check_recipe(recipe: Recipe, source: str) -> None:
     n = len(recipe.experts)
     if n == 0:
         raise MoelabError(f"{source}: 'experts' is empty; list at least one expert with a source_model")
+    if "experts_per_token" not in recipe.model_fields_set:
+        recipe.experts_per_token = min(2, n)
     if not 1 <= recipe.experts_per_token <= n:
         raise MoelabError(
             f"{source}: experts_per_token is {recipe.experts_per_token} but there are {n} experts; "

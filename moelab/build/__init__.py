@@ -1,0 +1,245 @@
+"""The build stage: recipe -> plan of output tensors -> streamed, sharded MoE checkpoint folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from moelab.build.layouts import (MATCHING_KEYS, MoeLayout, choose_layout, dense_mlp_names, expert_tensor_names,
+                                  is_dense_mlp, moe_config_dict)
+from moelab.build.sources import resolve_model
+from moelab.build.tensors import SAFETENSORS_DTYPES, PlannedTensor, SafetensorsFolder, write_sharded
+from moelab.errors import MoelabError
+from moelab.recipe import PROMPTED_GATE_MODES, Expert, Recipe, recipe_hash
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+DEFAULT_SHARD_BYTES = 5 * 10**9
+
+
+@dataclass
+class BuildOptions:
+    device: str = "auto"
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    seed: Optional[int] = None
+    force: bool = False
+    show_progress: bool = True
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    architecture: str
+    num_experts: int
+    num_shards: int
+    total_bytes: int
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ResolvedModel:
+    ref: str
+    folder: Path
+    config: dict
+    tensors: SafetensorsFolder
+
+
+def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions = BuildOptions(),
+              recipe_dir: Optional[Path] = None) -> BuildResult:
+    """Merge the recipe's experts into a MoE model folder at `out` (written beside it, then renamed)."""
+    out = Path(out)
+    if out.exists() and not options.force:
+        raise MoelabError(f"{out} already exists; pass --force to replace it, or choose another output folder")
+    if options.load_in_4bit and options.load_in_8bit:
+        raise MoelabError("choose one of --load-in-4bit and --load-in-8bit")
+    seed = recipe.seed if options.seed is None else options.seed
+    base = _open_model(recipe.base_model, recipe_dir)
+    experts = [_open_model(e.source_model, recipe_dir) for e in recipe.experts]
+    shared = [_open_model(e.source_model, recipe_dir) for e in recipe.shared_experts or []]
+    for role, model in [(f"expert {i} ({recipe.expert_names()[i]})", m) for i, m in enumerate(experts)] + \
+            [("shared expert", m) for m in shared]:
+        _check_compatible(base, model, role)
+    layout = choose_layout(recipe.output_architecture(), base.config.get("model_type", "?"), bool(shared))
+    out_dtype = recipe.torch_dtype_name() or _config_dtype(base.config)
+
+    from moelab.build.gates import compute_gates, similar_expert_pairs
+
+    gated_experts: list[Expert] = list(recipe.experts) + (list(recipe.shared_experts) if shared else [])
+    num_layers, hidden = base.config["num_hidden_layers"], base.config["hidden_size"]
+    gates = compute_gates(recipe.gate_mode, gated_experts, base.folder, base.tensors, num_layers, hidden, seed,
+                          options.device, options.load_in_4bit, options.load_in_8bit)
+    if shared and not recipe.shared_experts[0].positive_prompts:
+        gates[:, len(experts):] = 0  # documented in gates.py: an unprompted shared expert always gets sigmoid(0)
+    warnings = []
+    if recipe.gate_mode in PROMPTED_GATE_MODES:
+        for a, b, cos in similar_expert_pairs(gates[:, :len(experts)], recipe.expert_names()):
+            warnings.append(f"experts {a} and {b} get nearly the same router rows (median cosine {cos:.3f}); "
+                            "give them more distinct prompts, or routing between them is arbitrary")
+
+    plan = plan_tensors(layout, base, experts, shared, recipe, gates, out_dtype, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        shard_names = _write_with_progress(plan, tmp, options)
+        config = moe_config_dict(layout, base.config, len(experts), recipe.experts_per_token, bool(shared), out_dtype)
+        _write_config(layout, config, tmp)
+        _copy_tokenizer(base.folder, tmp)
+        _write_metadata(tmp, recipe, recipe_text, layout)
+        from moelab.card import model_card
+
+        (tmp / "README.md").write_text(model_card(recipe, recipe_text, layout.arch_id, warnings))
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BuildResult(out=out, architecture=layout.arch_id, num_experts=len(experts), num_shards=len(shard_names),
+                       total_bytes=sum(t.nbytes for t in plan), warnings=warnings)
+
+
+def _open_model(ref: str, recipe_dir: Optional[Path]) -> ResolvedModel:
+    folder = resolve_model(ref, recipe_dir)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise MoelabError(f"cannot read config.json of model '{ref}': {err}") from None
+    return ResolvedModel(ref, folder, config, SafetensorsFolder(folder))
+
+
+def _check_compatible(base: ResolvedModel, other: ResolvedModel, role: str) -> None:
+    if other.config.get("model_type") != base.config.get("model_type"):
+        raise MoelabError(
+            f"{role} '{other.ref}' is a {other.config.get('model_type')} model but the base is "
+            f"{base.config.get('model_type')}; all experts must share the base's architecture")
+    for key in MATCHING_KEYS:
+        if other.config.get(key) != base.config.get(key):
+            raise MoelabError(
+                f"{role} '{other.ref}' has {key}={other.config.get(key)} but the base has {base.config.get(key)}; "
+                "experts must be fine-tunes of the same base model")
+
+
+def _config_dtype(config: dict) -> str:
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").removeprefix("torch.")
+    return dtype if dtype in ("bfloat16", "float16", "float32") else "bfloat16"
+
+
+def plan_tensors(layout: MoeLayout, base: ResolvedModel, experts: list[ResolvedModel], shared: list[ResolvedModel],
+                 recipe: Recipe, gates, out_dtype: str, seed: int) -> list[PlannedTensor]:
+    """Every output tensor in write order: non-MLP tensors of the base, then per layer the experts and router."""
+    import torch
+
+    dtype = getattr(torch, out_dtype)
+    code = SAFETENSORS_DTYPES[out_dtype]
+    num_layers, hidden = base.config["num_hidden_layers"], base.config["hidden_size"]
+    num_experts = len(experts)
+    plan: list[PlannedTensor] = []
+
+    def from_source(source: SafetensorsFolder, name: str, out_name: str, spec: Optional[Expert] = None,
+                    role: str = "", salt: int = 0):
+        shape, _ = source.info(name)
+
+        def produce():
+            tensor = source.get(name)
+            if spec is not None:
+                tensor = _noise_and_scale(tensor, spec, role, seed, salt)
+            return tensor.to(dtype)
+        plan.append(PlannedTensor(out_name, shape, code, produce))
+
+    for name in base.tensors.names():
+        if not is_dense_mlp(name):
+            from_source(base.tensors, name, name)
+    for layer in range(num_layers):
+        dense = dense_mlp_names(layer)
+        for e, (model, spec) in enumerate(zip(experts, recipe.experts)):
+            for role, out_name in expert_tensor_names(layout, layer, e).items():
+                from_source(model.tensors, dense[role], out_name, spec, role, salt=layer * 1000 + e)
+        plan.append(PlannedTensor(layout.router.format(layer=layer), (num_experts, hidden), code,
+                                  lambda layer=layer: gates[layer, :num_experts].contiguous().to(dtype)))
+        if layout.shared_expert is None:
+            continue
+        shared_names = {role: n.format(layer=layer) for role, n in layout.shared_expert.items()}
+        gate_name = layout.shared_expert_gate.format(layer=layer)
+        if shared:
+            for role, out_name in shared_names.items():
+                from_source(shared[0].tensors, dense[role], out_name, recipe.shared_experts[0], role,
+                            salt=layer * 1000 + 999)
+            plan.append(PlannedTensor(gate_name, (1, hidden), code,
+                                      lambda layer=layer: gates[layer, num_experts:].contiguous().to(dtype)))
+        else:
+            # Qwen2-MoE always has a shared-expert slot: an empty one (size 0) adds nothing.
+            for role, out_name in shared_names.items():
+                shape = (hidden, 0) if role == "down" else (0, hidden)
+                plan.append(PlannedTensor(out_name, shape, code, lambda shape=shape: torch.zeros(shape, dtype=dtype)))
+            plan.append(PlannedTensor(gate_name, (1, hidden), code, lambda: torch.zeros(1, hidden, dtype=dtype)))
+    return plan
+
+
+def _noise_and_scale(tensor, spec: Expert, role: str, seed: int, salt: int):
+    """mergekit-moe's per-expert knobs: W + noise_scale * N(0, 1) on every MLP matrix; down_proj times residual_scale."""
+    import torch
+
+    if spec.noise_scale:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + salt * 3 + ("gate", "up", "down").index(role))
+        noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
+        tensor = (tensor.float() + spec.noise_scale * noise).to(tensor.dtype)
+    if role == "down" and spec.residual_scale is not None:
+        tensor = (tensor.float() * spec.residual_scale).to(tensor.dtype)
+    return tensor
+
+
+def _write_with_progress(plan: list[PlannedTensor], folder: Path, options: BuildOptions) -> list[str]:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    total = sum(t.nbytes for t in plan)
+    with Progress(TextColumn("writing shards"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  disable=not options.show_progress, transient=True) as progress:
+        task = progress.add_task("write", total=total)
+        return write_sharded(plan, folder, options.shard_bytes,
+                             on_tensor=lambda t: progress.advance(task, t.nbytes))
+
+
+def _write_config(layout: MoeLayout, config: dict, folder: Path) -> None:
+    import transformers
+
+    getattr(transformers, layout.config_class)(**config).save_pretrained(folder)
+
+
+def _copy_tokenizer(base_dir: Path, folder: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (base_dir / name).is_file():
+            shutil.copyfile(base_dir / name, folder / name)
+
+
+def _write_metadata(folder: Path, recipe: Recipe, recipe_text: str, layout: MoeLayout) -> None:
+    from moelab import __version__
+
+    (folder / "moelab_recipe.yaml").write_text(recipe_text)
+    meta = {
+        "moelab_version": __version__,
+        "architecture": layout.arch_id,
+        "gate_mode": recipe.gate_mode,
+        "experts_per_token": recipe.experts_per_token,
+        "experts": [{"name": n, "source_model": e.source_model} for n, e in zip(recipe.expert_names(), recipe.experts)],
+        "shared_expert": ({"source_model": recipe.shared_experts[0].source_model,
+                           "residual_scale": recipe.shared_experts[0].residual_scale}
+                          if recipe.shared_experts else None),
+        "recipe_sha256": recipe_hash(recipe_text),
+    }
+    (folder / "moelab.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename the finished folder to `out`; an existing `out` (with --force) is removed only after that succeeds."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()

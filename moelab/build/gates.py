@@ -1,0 +1,206 @@
+"""Router weights from prompts (hidden, cheap_embed) or seeds (random, uniform_random).
+
+Notation: L layers, E experts (routed, then the shared expert when it has a gate), H hidden size. Every mode returns
+G of shape (L, E, H); row G[l, e] becomes expert e's row of layer l's router (for the shared expert: its sigmoid gate).
+For an expert with positive prompts P and negative prompts N, and a per-prompt vector v_l(p):
+
+    u_l = mean_{p in P} v_l(p) - mean_{p in N} v_l(p)     (the second term only when N is given)
+    G[l, e] = u_l / max(||u_l||, 1e-8)
+
+Prompts are tokenized as BOS + text, without a chat template. v_l(p) depends on the mode:
+- hidden (moelab's default): the mean, over the prompt's tokens after BOS, of x_l = post_attention_layernorm(h_l + attn_l),
+  which is exactly the input that layer l's router multiplies at inference. (mergekit-moe's `hidden` uses the residual
+  stream *entering* layer l at the last token, a different point from where the router reads.)
+- hidden_last: mergekit-moe's `hidden`: h_l, the residual stream entering layer l (hidden_states[l]), at the last token.
+- hidden_avg: h_l averaged over all real tokens, BOS included and padding excluded (mergekit-moe also averages padding).
+- cheap_embed: the same vector for every layer: s = sum over prompts and tokens (BOS included) of the input embedding,
+  normalized; with negatives, G = normalize(normalize(s+) - normalize(s-)). This is mergekit-moe's formula.
+- random: N(0, 1) entries; uniform_random: U(-1/sqrt(H), 1/sqrt(H)), the default nn.Linear init. Both from `seed`.
+A shared expert without prompts gets a zero gate row in every mode: sigmoid(0) = 0.5 scales its output at every
+token (set its residual_scale to 2 for the full output).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from moelab.errors import MoelabError
+from moelab.recipe import Expert
+
+PROMPT_BATCH = 8
+EPS = 1e-8
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def _normalize(u):
+    import torch
+
+    return u / torch.clamp(u.norm(dim=-1, keepdim=True), min=EPS)
+
+
+def random_gates(num_layers: int, num_experts: int, hidden: int, seed: int, uniform: bool):
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    if uniform:
+        bound = hidden ** -0.5
+        return (torch.rand(num_layers, num_experts, hidden, generator=generator) * 2 - 1) * bound
+    return torch.randn(num_layers, num_experts, hidden, generator=generator)
+
+
+def cheap_embed_gates(embedding, tokenizer, experts: Sequence[Expert], num_layers: int):
+    import torch
+
+    def direction(prompts):
+        ids = [i for seq in encode_prompts(tokenizer, prompts) for i in seq]
+        return _normalize(embedding[torch.tensor(ids)].float().sum(dim=0))
+
+    rows = []
+    for expert in experts:
+        if not expert.positive_prompts:
+            rows.append(torch.zeros(embedding.shape[1]))
+            continue
+        row = direction(expert.positive_prompts)
+        if expert.negative_prompts:
+            row = _normalize(row - direction(expert.negative_prompts))
+        rows.append(row)
+    return torch.stack(rows).unsqueeze(0).expand(num_layers, -1, -1).clone()
+
+
+def load_gate_model(base_dir: Path, device: str, load_in_4bit: bool, load_in_8bit: bool):
+    """The base model for the hidden-state pass, in bf16 (or bitsandbytes 4/8-bit on CUDA)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(device)
+    kwargs = {}
+    if load_in_4bit or load_in_8bit:
+        if device != "cuda":
+            raise MoelabError("--load-in-4bit/--load-in-8bit need a CUDA GPU (bitsandbytes); drop the flag on CPU")
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise MoelabError("4/8-bit loading needs bitsandbytes: pip install 'moelab[quant]'") from None
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16, device_map=device, **kwargs)
+    model.eval()
+    return model
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise MoelabError(f"unknown device '{device}'; use cpu, cuda or auto")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MoelabError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def prompt_vectors(model, token_lists: list[list[int]], mode: str, skip_first: bool):
+    """Mean over prompts of v_l(p) (see the module docstring): a float32 tensor (L, H)."""
+    import torch
+
+    layers = model.model.layers
+    captured: dict[int, torch.Tensor] = {}
+    hooks = []
+    if mode == "hidden":
+        for index, layer in enumerate(layers):
+            def keep(_module, _inputs, output, index=index):
+                captured[index] = output
+            hooks.append(layer.post_attention_layernorm.register_forward_hook(keep))
+    device = next(model.parameters()).device
+    total = None
+    try:
+        for start in range(0, len(token_lists), PROMPT_BATCH):
+            batch = token_lists[start:start + PROMPT_BATCH]
+            width = max(len(seq) for seq in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, seq in enumerate(batch):
+                ids[row, :len(seq)] = torch.tensor(seq)
+                mask[row, :len(seq)] = 1
+            with torch.no_grad():
+                out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                            output_hidden_states=mode != "hidden")
+            if mode == "hidden":
+                states = [captured[i] for i in range(len(layers))]
+            else:
+                states = list(out.hidden_states[:len(layers)])
+            per_layer = torch.stack([_pool(s.float().cpu(), mask, mode, skip_first) for s in states])  # (L, B, H)
+            batch_sum = per_layer.sum(dim=1)
+            total = batch_sum if total is None else total + batch_sum
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total / len(token_lists)
+
+
+def _pool(states, mask, mode: str, skip_first: bool):
+    """(B, T, H) states of one layer -> (B, H) per-prompt vectors."""
+    import torch
+
+    if mode == "hidden_last":
+        last = mask.sum(dim=1) - 1
+        return states[torch.arange(states.shape[0]), last]
+    weights = mask.clone().float()
+    if mode == "hidden" and skip_first:
+        keep_bos = mask.sum(dim=1) == 1  # a prompt of BOS alone keeps it, rather than averaging nothing
+        weights[~keep_bos, 0] = 0
+    return (states * weights.unsqueeze(-1)).sum(dim=1) / weights.sum(dim=1, keepdim=True)
+
+
+def hidden_gates(model, tokenizer, experts: Sequence[Expert], mode: str):
+    import torch
+
+    skip_first = tokenizer.bos_token_id is not None
+    num_layers, hidden = len(model.model.layers), model.config.hidden_size
+    rows = []
+    for expert in experts:
+        if not expert.positive_prompts:
+            rows.append(torch.zeros(num_layers, hidden))
+            continue
+        u = prompt_vectors(model, encode_prompts(tokenizer, expert.positive_prompts), mode, skip_first)
+        if expert.negative_prompts:
+            u = u - prompt_vectors(model, encode_prompts(tokenizer, expert.negative_prompts), mode, skip_first)
+        rows.append(_normalize(u))
+    return torch.stack(rows, dim=1)
+
+
+def compute_gates(gate_mode: str, experts: Sequence[Expert], base_dir: Path, base_tensors, num_layers: int,
+                  hidden: int, seed: int, device: str = "auto", load_in_4bit: bool = False,
+                  load_in_8bit: bool = False):
+    """G (L, E, H) float32 for `experts` (routed experts, then a gated shared expert) under `gate_mode`."""
+    import gc
+
+    from transformers import AutoTokenizer
+
+    if gate_mode in ("random", "uniform_random"):
+        return random_gates(num_layers, len(experts), hidden, seed, uniform=gate_mode == "uniform_random")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if gate_mode == "cheap_embed":
+        return cheap_embed_gates(base_tensors.get("model.embed_tokens.weight"), tokenizer, experts, num_layers)
+    model = load_gate_model(base_dir, device, load_in_4bit, load_in_8bit)
+    try:
+        return hidden_gates(model, tokenizer, experts, gate_mode)
+    finally:
+        del model
+        gc.collect()
+
+
+def similar_expert_pairs(gates, names: Sequence[str], threshold: float = 0.995) -> list[tuple[str, str, float]]:
+    """Pairs of experts whose router rows point the same way in most layers (routing between them is arbitrary)."""
+    import torch
+
+    unit = _normalize(gates.float())
+    cos = torch.einsum("leh,lfh->lef", unit, unit).median(dim=0).values
+    return [(names[i], names[j], float(cos[i, j]))
+            for i in range(len(names)) for j in range(i + 1, len(names)) if cos[i, j] > threshold]

@@ -1,0 +1,341 @@
+"""moelab build on tiny random models: the identical-experts invariant, layouts, gates, sharding, atomic output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from moelab.build import BuildOptions, build_moe
+from moelab.build.tensors import SafetensorsFolder
+from moelab.errors import MoelabError
+from moelab.recipe import parse_recipe
+
+PROMPTS = [["The answer is 42"], ["def add(a, b): return a + b"], ["Hello! How are you today?"]]
+
+
+def write_recipe(folder: Path, file_name: str = "recipe.yaml", **fields) -> tuple[Path, str]:
+    text = yaml.safe_dump(fields, sort_keys=False)
+    path = folder / file_name
+    path.write_text(text)
+    return path, text
+
+
+def build(folder: Path, out_name: str = "moe", options: BuildOptions | None = None, **fields) -> Path:
+    path, text = write_recipe(folder, **fields)
+    out = folder / out_name
+    build_moe(parse_recipe(text, str(path)), text, out, options or BuildOptions(show_progress=False),
+              recipe_dir=folder)
+    return out
+
+
+def logits(model_dir: Path, text_ids=(1, 5, 17, 42, 99, 7, 3)) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([list(text_ids)])).logits[0]
+
+
+LAYOUT_CASES = {
+    # case: (family, architecture, shared expert?, canonical expert tensor name)
+    "llama-mixtral": ("llama", None, False, "model.layers.1.block_sparse_moe.experts.2.w2.weight"),
+    "mistral-mixtral": ("mistral", None, False, "model.layers.1.block_sparse_moe.experts.2.w3.weight"),
+    "qwen2-qwen2_moe": ("qwen2", None, False, "model.layers.1.mlp.experts.2.down_proj.weight"),
+    "qwen2-qwen2_moe-shared": ("qwen2", None, True, "model.layers.1.mlp.shared_expert.down_proj.weight"),
+    "llama-qwen2_moe-shared": ("llama", "Qwen MoE", True, "model.layers.1.mlp.shared_expert_gate.weight"),
+    "qwen3-qwen3_moe": ("qwen3", None, False, "model.layers.1.mlp.experts.0.gate_proj.weight"),
+}
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES)
+def test_identical_experts_give_the_dense_models_logits(tmp_path, tiny_dense, case):
+    family, architecture, with_shared, canonical = LAYOUT_CASES[case]
+    dense = tiny_dense("dense", family)
+    fields = dict(base_model=str(dense), gate_mode="random", experts_per_token=2,
+                  allow_identical_experts=True,
+                  experts=[{"source_model": str(dense), "positive_prompts": p} for p in PROMPTS])
+    if architecture:
+        fields["architecture"] = architecture
+    if with_shared:
+        # out = sum_k w_k * (0.5 mlp) + sigmoid(0) * mlp: a shared expert without prompts has a zero gate.
+        for expert in fields["experts"]:
+            expert["residual_scale"] = 0.5
+        fields["shared_experts"] = [{"source_model": str(dense)}]
+    out = build(tmp_path, **fields)
+
+    assert canonical in SafetensorsFolder(out).names()
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert info["missing_keys"] == set() or not info["missing_keys"], info
+    assert not info["unexpected_keys"], info
+    torch.testing.assert_close(logits(out), logits(dense), atol=2e-4, rtol=1e-4)
+
+
+def test_shapes_and_config_match_the_architecture(tmp_path, tiny_dense):
+    a, b = tiny_dense("a", "qwen2", seed=0), tiny_dense("b", "qwen2", seed=1)
+    out = build(tmp_path, base_model=str(a), experts_per_token=1, architecture="qwen2_moe",
+                experts=[{"source_model": str(a), "positive_prompts": PROMPTS[0]},
+                         {"source_model": str(b), "positive_prompts": PROMPTS[1]}],
+                shared_experts=[{"source_model": str(b), "positive_prompts": PROMPTS[2], "residual_scale": 0.25}])
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["num_experts"], config["num_experts_per_tok"]) == ("qwen2_moe", 2, 1)
+    assert config["moe_intermediate_size"] == config["shared_expert_intermediate_size"] == 128
+    assert config["qkv_bias"] is True and config["norm_topk_prob"] is True
+    tensors = SafetensorsFolder(out)
+    assert tensors.info("model.layers.0.mlp.gate.weight") == ((2, 64), "BF16")
+    assert tensors.info("model.layers.0.mlp.shared_expert_gate.weight") == ((1, 64), "BF16")
+    assert tensors.info("model.layers.0.mlp.experts.1.gate_proj.weight") == ((128, 64), "BF16")
+    assert "model.layers.0.self_attn.q_proj.bias" in tensors
+    source_b = SafetensorsFolder(b)
+    torch.testing.assert_close(tensors.get("model.layers.1.mlp.experts.1.up_proj.weight"),
+                               source_b.get("model.layers.1.mlp.up_proj.weight"), atol=0, rtol=0)
+    torch.testing.assert_close(tensors.get("model.layers.1.mlp.shared_expert.down_proj.weight"),
+                               source_b.get("model.layers.1.mlp.down_proj.weight") * 0.25, atol=0, rtol=0)
+    # Non-expert tensors come from the base, untouched.
+    torch.testing.assert_close(tensors.get("model.layers.0.self_attn.q_proj.weight"),
+                               SafetensorsFolder(a).get("model.layers.0.self_attn.q_proj.weight"), atol=0, rtol=0)
+    meta = json.loads((out / "moelab.json").read_text())
+    assert [e["source_model"] for e in meta["experts"]] == [str(a), str(b)]
+    assert meta["architecture"] == "qwen2_moe" and meta["shared_expert"]["residual_scale"] == 0.25
+
+
+def test_cheap_embed_gate_rows_equal_the_hand_computation(tmp_path, tiny_dense):
+    from transformers import AutoTokenizer
+
+    a, b = tiny_dense("a", seed=0), tiny_dense("b", seed=1)
+    experts = [{"source_model": str(a), "positive_prompts": ["The answer", "Two plus three"]},
+               {"source_model": str(b), "positive_prompts": ["def add"], "negative_prompts": ["Hello"]}]
+    out = build(tmp_path, base_model=str(a), gate_mode="cheap_embed", dtype="float32", experts=experts)
+
+    tokenizer = AutoTokenizer.from_pretrained(a)
+    embedding = SafetensorsFolder(a).get("model.embed_tokens.weight").float()
+
+    def unit_sum(prompts):
+        total = torch.zeros(64)
+        for p in prompts:
+            for token in [tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"]:
+                total += embedding[token]
+        return total / total.norm()
+
+    expected = torch.stack([unit_sum(experts[0]["positive_prompts"]),
+                            (lambda d: d / d.norm())(unit_sum(["def add"]) - unit_sum(["Hello"]))])
+    router = SafetensorsFolder(out)
+    for layer in range(2):
+        torch.testing.assert_close(router.get(f"model.layers.{layer}.block_sparse_moe.gate.weight"), expected,
+                                   atol=1e-6, rtol=1e-5)
+
+
+def router_inputs_by_hand(model_dir: Path, token_ids: list[int]) -> list[torch.Tensor]:
+    """x_l = post_attention_layernorm(h_l + attn_l(input_layernorm(h_l))), from the modules, no hooks."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    ids = torch.tensor([token_ids])
+    with torch.no_grad():
+        states = model(ids, output_hidden_states=True).hidden_states
+        position_ids = torch.arange(len(token_ids)).unsqueeze(0)
+        cos_sin = model.model.rotary_emb(states[0], position_ids)
+        mask = torch.full((len(token_ids), len(token_ids)), float("-inf")).triu(1)[None, None].to(torch.bfloat16)
+        result = []
+        for layer, h in zip(model.model.layers, states):
+            attn, _ = layer.self_attn(layer.input_layernorm(h), position_embeddings=cos_sin, attention_mask=mask)
+            result.append(layer.post_attention_layernorm(h + attn)[0].float())
+    return result
+
+
+def test_hidden_gate_rows_equal_the_hand_computation(tmp_path, tiny_dense):
+    from transformers import AutoTokenizer
+
+    a, b = tiny_dense("a", seed=0), tiny_dense("b", seed=1)
+    experts = [{"source_model": str(a), "positive_prompts": ["The answer is", "Seven times six"]},
+               {"source_model": str(b), "positive_prompts": ["def add"], "negative_prompts": ["Hello there"]}]
+    out = build(tmp_path, base_model=str(a), gate_mode="hidden", dtype="float32", experts=experts)
+
+    tokenizer = AutoTokenizer.from_pretrained(a)
+
+    def mean_vector(prompts):  # mean over prompts of the mean router input over tokens after BOS, per layer
+        per_prompt = []
+        for p in prompts:
+            ids = [tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"]
+            per_prompt.append(torch.stack([x[1:].mean(dim=0) for x in router_inputs_by_hand(a, ids)]))
+        return torch.stack(per_prompt).mean(dim=0)
+
+    unit = lambda u: u / u.norm(dim=-1, keepdim=True)  # noqa: E731
+    expected = torch.stack([unit(mean_vector(experts[0]["positive_prompts"])),
+                            unit(mean_vector(["def add"]) - mean_vector(["Hello there"]))], dim=1)
+    router = SafetensorsFolder(out)
+    for layer in range(2):
+        torch.testing.assert_close(router.get(f"model.layers.{layer}.block_sparse_moe.gate.weight"),
+                                   expected[layer], atol=2e-2, rtol=2e-2)
+
+
+def test_random_gates_are_seeded_and_scaled(tmp_path, tiny_dense):
+    a, b = tiny_dense("a", seed=0), tiny_dense("b", seed=1)
+    experts = [{"source_model": str(a)}, {"source_model": str(b)}]
+    first = build(tmp_path, "one", base_model=str(a), gate_mode="uniform_random", dtype="float32", experts=experts)
+    again = build(tmp_path, "two", base_model=str(a), gate_mode="uniform_random", dtype="float32", experts=experts)
+    other = build(tmp_path, "three", options=BuildOptions(seed=7, show_progress=False), base_model=str(a),
+                  gate_mode="uniform_random", dtype="float32", experts=experts)
+    name = "model.layers.0.block_sparse_moe.gate.weight"
+    g1, g2, g3 = (SafetensorsFolder(d).get(name) for d in (first, again, other))
+    assert torch.equal(g1, g2) and not torch.equal(g1, g3)
+    assert g1.abs().max() <= 64 ** -0.5
+
+
+def test_noise_and_residual_scale(tmp_path, tiny_dense):
+    a, b = tiny_dense("a", seed=0), tiny_dense("b", seed=1)
+    out = build(tmp_path, base_model=str(a), gate_mode="random", dtype="float32",
+                experts=[{"source_model": str(a), "residual_scale": 0.5},
+                         {"source_model": str(b), "noise_scale": 0.01}])
+    moe, src_a, src_b = SafetensorsFolder(out), SafetensorsFolder(a), SafetensorsFolder(b)
+    torch.testing.assert_close(moe.get("model.layers.0.block_sparse_moe.experts.0.w2.weight"),
+                               src_a.get("model.layers.0.mlp.down_proj.weight").float() * 0.5)
+    torch.testing.assert_close(moe.get("model.layers.0.block_sparse_moe.experts.0.w1.weight"),
+                               src_a.get("model.layers.0.mlp.gate_proj.weight").float())
+    delta = moe.get("model.layers.0.block_sparse_moe.experts.1.w3.weight") - \
+        src_b.get("model.layers.0.mlp.up_proj.weight").float()
+    assert 0.005 < delta.std() < 0.02
+
+
+def test_small_shards_and_tied_embeddings(tmp_path, tiny_dense):
+    dense = tiny_dense("tied", tie_word_embeddings=True)
+    assert "lm_head.weight" not in SafetensorsFolder(dense)
+    out = build(tmp_path, options=BuildOptions(shard_bytes=40_000, show_progress=False), base_model=str(dense),
+                gate_mode="random", allow_identical_experts=True,
+                experts=[{"source_model": str(dense)}, {"source_model": str(dense)}])
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and shards[-1] == f"model-{len(shards):05d}-of-{len(shards):05d}.safetensors"
+    assert sum((out / s).stat().st_size for s in shards) > index["metadata"]["total_size"]
+    assert "lm_head.weight" not in index["weight_map"]
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    torch.testing.assert_close(logits(out), logits(dense), atol=2e-4, rtol=1e-4)
+
+
+def test_output_folder_has_tokenizer_card_and_recipe(tmp_path, tiny_dense):
+    dense = tiny_dense("dense")
+    out = build(tmp_path, base_model=str(dense), gate_mode="random", allow_identical_experts=True,
+                experts=[{"source_model": str(dense), "name": "math"}, {"source_model": str(dense), "name": "code"}])
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                 "README.md", "moelab_recipe.yaml", "moelab.json"):
+        assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert "moe" in front["tags"] and front["base_model"] == [str(dense)]
+    assert "| math |" in card and "| code |" in card
+    assert (out / "moelab_recipe.yaml").read_text() == (tmp_path / "recipe.yaml").read_text()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_failed_build_leaves_nothing_at_out(tmp_path, tiny_dense):
+    a, b = tiny_dense("a", seed=0), tiny_dense("b", seed=1)
+    shard = b / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # the header survives, the tensor data does not
+    with pytest.raises(Exception):
+        build(tmp_path, base_model=str(a), gate_mode="random",
+              experts=[{"source_model": str(a)}, {"source_model": str(b)}])
+    assert not (tmp_path / "moe").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".moe")]
+
+
+def test_existing_output_needs_force(tmp_path, tiny_dense):
+    a, b = tiny_dense("a", seed=0), tiny_dense("b", seed=1)
+    fields = dict(base_model=str(a), gate_mode="random", experts=[{"source_model": str(a)}, {"source_model": str(b)}])
+    out = build(tmp_path, **fields)
+    (out / "marker").write_text("old")
+    with pytest.raises(MoelabError, match="--force"):
+        build(tmp_path, **fields)
+    build(tmp_path, options=BuildOptions(force=True, show_progress=False), **fields)
+    assert not (out / "marker").exists() and (out / "config.json").is_file()
+
+
+def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moelab", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+RECIPE_ERRORS = {
+    "malformed yaml": ("base_model: a\nexperts:\n  - source_model: [unclosed\n", ["malformed YAML", "line 3"]),
+    "missing base": ("experts:\n  - source_model: a\n", ["missing required field 'base_model'"]),
+    "typo field": ("base_model: a\nexperts:\n  - source_model: a\n    postive_prompts: [x]\n",
+                   ["unknown field 'experts.0.postive_prompts'", "line 4"]),
+    "top-k zero": ("base_model: a\nexperts_per_token: 0\nexperts:\n  - {source_model: a, positive_prompts: [x]}\n",
+                   ["experts_per_token is 0", "between 1 and 1"]),
+    "top-k too big": ("base_model: a\nexperts_per_token: 3\nexperts:\n  - {source_model: a, positive_prompts: [x]}\n"
+                      "  - {source_model: b, positive_prompts: [y]}\n", ["experts_per_token is 3"]),
+    "no prompts": ("base_model: a\nexperts:\n  - {source_model: a, positive_prompts: [x]}\n  - {source_model: b}\n",
+                   ["expert 1 (E1) has no positive_prompts"]),
+    "gate mode": ("base_model: a\ngate_mode: learned\nexperts:\n  - {source_model: a}\n", ["unknown gate_mode 'learned'"]),
+    "architecture": ("base_model: a\narchitecture: switch\ngate_mode: random\nexperts:\n  - {source_model: a}\n",
+                     ["unknown architecture 'switch'"]),
+    "two shared": ("base_model: a\ngate_mode: random\nexperts:\n  - {source_model: a}\n  - {source_model: b}\n"
+                   "shared_experts:\n  - {source_model: a}\n  - {source_model: b}\n", ["2 shared experts"]),
+    "identical": ("base_model: a\nexperts:\n  - {source_model: a, positive_prompts: [x]}\n"
+                  "  - {source_model: a, positive_prompts: [y]}\n", ["all experts are the same model",
+                                                                      "allow_identical_experts"]),
+}
+
+
+@pytest.mark.parametrize("case", RECIPE_ERRORS)
+def test_bad_recipes_get_a_one_line_error(tmp_path, case):
+    text, fragments = RECIPE_ERRORS[case]
+    (tmp_path / "r.yaml").write_text(text)
+    result = run_cli("build", tmp_path / "r.yaml", tmp_path / "out")
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_models_get_a_one_line_error(tmp_path, tiny_dense):
+    llama, llama2 = tiny_dense("llama", seed=0), tiny_dense("llama2", seed=1)
+    wide = tiny_dense("wide", hidden_size=96, head_dim=24)
+    deep = tiny_dense("deep", num_hidden_layers=3)
+    vocab = tiny_dense("vocab", vocab_size=400)
+    qwen = tiny_dense("qwen", "qwen2")
+    qwen3 = tiny_dense("qwen3", "qwen3")
+
+    written = []
+
+    def recipe(base, *experts, **extra):
+        fields = dict(base_model=str(base), gate_mode="random", experts=[{"source_model": str(e)} for e in experts])
+        fields.update(extra)
+        written.append(fields)
+        return write_recipe(tmp_path, f"recipe{len(written)}.yaml", **fields)[0]
+
+    cases = [
+        (recipe(llama, llama, tmp_path / "nope"), ["nope", "not found"]),
+        (recipe(llama, llama, tmp_path / "recipe1.yaml"), ["not a .gguf"]),
+        (recipe(llama, llama, wide), ["hidden_size=96", "base has 64"]),
+        (recipe(llama, llama, deep), ["num_hidden_layers=3"]),
+        (recipe(llama, llama, vocab), ["vocab_size=400"]),
+        (recipe(llama, llama, qwen), ["qwen2 model but the base is llama"]),
+        (recipe(llama, llama, llama2, shared_experts=[{"source_model": str(llama)}], architecture="mixtral"),
+         ["mixtral has no shared expert"]),
+        (recipe(qwen3, qwen3, qwen3, shared_experts=[{"source_model": str(qwen3)}]),
+         ["qwen3_moe has no shared expert"]),
+        (recipe(llama, llama, llama2, architecture="qwen3_moe"), ["cannot be built from llama"]),
+        (recipe(llama, llama, llama2, architecture="deepseek"), ["DeepSeek-MoE", "not supported yet"]),
+    ]
+    for path, fragments in cases:
+        result = run_cli("build", path, tmp_path / "out", "--device", "cpu")
+        assert_one_line_error(result, *fragments)
+        assert not (tmp_path / "out").exists()
+    result = run_cli("build", recipe(llama, llama, llama2), tmp_path / "out", "--load-in-4bit", "--device", "cpu")
+    assert result.returncode == 0, result.stderr  # random gates run no hidden pass, so no GPU is needed
+    result = run_cli("build", write_recipe(tmp_path, "hidden.yaml", base_model=str(llama), experts=[
+        {"source_model": str(llama), "positive_prompts": ["a"]},
+        {"source_model": str(llama2), "positive_prompts": ["b"]}])[0], tmp_path / "out2", "--load-in-8bit",
+        "--device", "cpu")
+    assert_one_line_error(result, "need a CUDA GPU")
+
