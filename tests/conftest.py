@@ -94,3 +94,37 @@ def smollm2_dir() -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+DEMO_RECIPE = Path(__file__).resolve().parents[1] / "moelab" / "recipes" / "demo-smollm2.yaml"
+
+
+@pytest.fixture(scope="session")
+def demo_moe_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """The demo recipe built once: a 3-expert Mixtral from SmolLM2 (chat = base, math and code LoRA experts)."""
+    from moelab.build import BuildOptions, build_moe
+    from moelab.recipe import load_recipe
+
+    recipe, text = load_recipe(DEMO_RECIPE)
+    out = tmp_path_factory.mktemp("demo") / "moe"
+    build_moe(recipe, text, out, BuildOptions(device="cpu", show_progress=False), recipe_dir=DEMO_RECIPE.parent)
+    return out
+
+
+@pytest.fixture(scope="session")
+def heldout_prompts() -> dict[str, list[str]]:
+    """Held-out prompts per demo domain: chat (written here), math and code (the shared experts' held-out sets)."""
+    data = SHARED_DIR / "experts" / "data"
+    if not data.is_dir():
+        pytest.skip(f"{data} is missing: the shared experts' held-out data lives beside the checkout")
+    read = lambda name: [json.loads(line) for line in (data / name).read_text().splitlines()]  # noqa: E731
+    return {
+        "chat": ["What should I cook for dinner tonight?", "Can you help me plan a weekend trip to the mountains?",
+                 "I feel nervous about my job interview tomorrow.", "What's the difference between a frog and a toad?",
+                 "Write a haiku about autumn leaves.", "How do I keep my houseplants alive?",
+                 "Tell me a joke about cats.", "What are good habits for staying focused while studying?",
+                 "Describe your ideal vacation.", "Who was Marie Curie?"],
+        "math": [row["question"] for row in read("arith_heldout.jsonl")[:20]],
+        "code": [row["text"][:300] for row in read("code_heldout.jsonl")[:20]],
+    }

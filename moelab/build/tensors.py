@@ -13,10 +13,15 @@ from moelab.errors import MoelabError
 SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64", "int64": "I64",
                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+TORCH_DTYPES = {code: name for name, code in SAFETENSORS_DTYPES.items()}
 
 
 class SafetensorsFolder:
-    """The tensors of one model folder, read one at a time (memory-mapped) on demand."""
+    """The tensors of one model folder, each read on demand with a plain file read.
+
+    Plain reads rather than memory maps: mapped pages of every source would stay resident and count towards the
+    build's memory, while a read tensor is freed as soon as it is written.
+    """
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -25,10 +30,9 @@ class SafetensorsFolder:
             weight_map = json.loads(index.read_text())["weight_map"]
         else:
             single = self.folder / "model.safetensors"
-            weight_map = {name: single.name for name in _header(single)}
+            weight_map = {name: single.name for name in _read_header(single)[1]}
         self.weight_map: dict[str, str] = weight_map
-        self._headers: dict[str, dict] = {}
-        self._handles: dict = {}
+        self._headers: dict[str, tuple[int, dict]] = {}
 
     def names(self) -> list[str]:
         return list(self.weight_map)
@@ -38,24 +42,37 @@ class SafetensorsFolder:
 
     def info(self, name: str) -> tuple[tuple[int, ...], str]:
         """(shape, safetensors dtype) from the file header, without reading the data."""
-        file = self.weight_map[name]
-        if file not in self._headers:
-            self._headers[file] = _header(self.folder / file)
-        entry = self._headers[file][name]
+        entry = self._entry(name)[1]
         return tuple(entry["shape"]), entry["dtype"]
 
-    def get(self, name: str):
-        from safetensors import safe_open
-
+    def _entry(self, name: str) -> tuple[int, dict]:
         if name not in self.weight_map:
             raise MoelabError(f"tensor {name} is missing from {self.folder}; the checkpoint is incomplete")
         file = self.weight_map[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(self.folder / file, framework="pt")
-        return self._handles[file].get_tensor(name)
+        if file not in self._headers:
+            self._headers[file] = _read_header(self.folder / file)
+        data_start, entries = self._headers[file]
+        return data_start, entries[name]
+
+    def get(self, name: str):
+        import torch
+
+        data_start, entry = self._entry(name)
+        shape, dtype = tuple(entry["shape"]), getattr(torch, TORCH_DTYPES[entry["dtype"]])
+        begin, end = entry["data_offsets"]
+        if begin == end:
+            return torch.empty(shape, dtype=dtype)
+        buffer = bytearray(end - begin)
+        path = self.folder / self.weight_map[name]
+        with open(path, "rb") as f:
+            f.seek(data_start + begin)
+            if f.readinto(buffer) != len(buffer):
+                raise MoelabError(f"{path} ends inside tensor {name}; the file is truncated, download it again")
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
-def _header(path: Path) -> dict:
+def _read_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data section, {tensor name: entry}) of a safetensors file."""
     try:
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
@@ -63,7 +80,7 @@ def _header(path: Path) -> dict:
     except (OSError, struct.error, ValueError) as err:
         raise MoelabError(f"cannot read safetensors file {path}: {err}; the file is missing or corrupt") from None
     header.pop("__metadata__", None)
-    return header
+    return 8 + length, header
 
 
 @dataclass
