@@ -1,0 +1,179 @@
+"""EvalReport: the versioned JSON result of `moelab eval` that compare, publish and remote read, and its Gist markdown.
+
+Schema version 1 (all fields always present; JSON null where a value is unknown):
+- schema_version: 1; suite: "nous"; model: local path or Hub repo id; model_name: the folder/repo name;
+  revision: Hub commit or None; content_hash: sha256 of the local weights index/config or None;
+  recipe: the moelab recipe (dict) when the model was built by moelab, else None.
+- settings: EvalSettings (tasks, num_fewshot per task, limit, backend, device, dtype, batch_size, max_length).
+- results: one TaskResult per task (value and stderr are fractions in 0..1; n = examples scored).
+- groups: {"AGIEval"|"GPT4All"|"TruthfulQA"|"Bigbench": mean of its task values x100, rounded to 2}, only for a
+  group whose tasks all ran; average: mean of the four rounded group scores, rounded to 2, only when all four exist.
+- limited: True when --limit capped any task (such scores are not comparable to full runs).
+- versions: {"moelab", "lm_eval", "torch", "transformers"}; wall_time_s; date (ISO 8601, UTC); gist_id or None.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moelab.errors import MoelabError
+from moelab.eval.suite import GROUPS, NOUS_TASKS, tasks_of_group
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class EvalSettings:
+    tasks: list[str] = field(default_factory=lambda: [t.name for t in NOUS_TASKS])
+    num_fewshot: dict[str, int] = field(default_factory=dict)
+    limit: int | None = None
+    backend: str = "hf"
+    device: str = "cpu"
+    dtype: str = "auto"
+    batch_size: str = "auto"
+    max_length: int | None = None
+
+
+@dataclass
+class TaskResult:
+    task: str
+    group: str
+    metric: str
+    value: float  # 0..1
+    stderr: float | None
+    n: int
+    version: str | None
+    num_fewshot: int
+
+
+@dataclass
+class EvalReport:
+    model: str
+    model_name: str
+    settings: EvalSettings
+    results: list[TaskResult]
+    revision: str | None = None
+    content_hash: str | None = None
+    recipe: dict | None = None
+    groups: dict[str, float] = field(default_factory=dict)
+    average: float | None = None
+    limited: bool = False
+    versions: dict[str, str] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    date: str = ""
+    gist_id: str | None = None
+    suite: str = "nous"
+    schema_version: int = SCHEMA_VERSION
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EvalReport":
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise MoelabError(f"report schema_version {data.get('schema_version')!r} is not {SCHEMA_VERSION}; "
+                              "re-run `moelab eval` with this moelab version")
+        fields = dict(data)
+        fields["settings"] = EvalSettings(**data["settings"])
+        fields["results"] = [TaskResult(**r) for r in data["results"]]
+        return cls(**fields)
+
+    @classmethod
+    def load(cls, path: Path) -> "EvalReport":
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls.from_dict(data)
+        except FileNotFoundError:
+            raise MoelabError(f"no report at {path}; run `moelab eval MODEL --output {path}` first") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise MoelabError(f"{path} is not a moelab eval report ({err}); re-run `moelab eval`") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: Path) -> Path:
+        """Write JSON atomically (temp file in the same folder, then rename)."""
+        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        return Path(path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise MoelabError(f"cannot write {path} ({err.strerror}); choose a writable --output") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def group_scores(results: list[TaskResult]) -> dict[str, float]:
+    """AutoEval's group score: unweighted mean of task values x100, rounded to 2; only for complete groups."""
+    by_task = {r.task: r.value for r in results}
+    scores = {}
+    for group in GROUPS:
+        names = [t.name for t in tasks_of_group(group)]
+        if all(n in by_task for n in names):
+            scores[group] = round(sum(by_task[n] for n in names) / len(names) * 100, 2)
+    return scores
+
+
+def overall_average(groups: dict[str, float]) -> float | None:
+    """AutoEval's overall score: mean of the four already-rounded group scores, rounded to 2."""
+    if not all(g in groups for g in GROUPS):
+        return None
+    return round(sum(groups[g] for g in GROUPS) / len(GROUPS), 2)
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+
+    def line(cells: list[str]) -> str:
+        return "|" + "|".join(c.rjust(w) if i in right else c.ljust(w)
+                              for i, (c, w) in enumerate(zip(cells, widths))) + "|"
+
+    rule = "|" + "|".join(("-" * (w - 1) + ":") if i in right else "-" * w for i, w in enumerate(widths)) + "|"
+    return "\n".join([line([h.center(w) for h, w in zip(header, widths)]), rule] + [line(r) for r in rows])
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None or math.isnan(value) else "%.2f" % (value * 100)
+
+
+def report_markdown(report: EvalReport, repo_id: str | None = None) -> str:
+    """AutoEval's Gist layout: summary row, one table per group with its average, overall average, elapsed time.
+
+    The model cell links to huggingface.co/<repo_id> (YALL parses that link); `repo_id` defaults to `report.model`
+    when that looks like a Hub id.
+    """
+    hub_id = repo_id or (report.model if report.model.count("/") == 1 and not Path(report.model).exists()
+                         and not report.model.startswith((".", "/")) else None)
+    model_cell = f"[{report.model_name}](https://huggingface.co/{hub_id})" if hub_id else report.model_name
+    summary = _table(["Model", *GROUPS, "Average"],
+                     [[model_cell, *(str(report.groups.get(g, "")) for g in GROUPS),
+                       "" if report.average is None else str(report.average)]], right=set(range(1, 6)))
+    parts = [summary, ""]
+    if report.limited:
+        parts.append(f"**Limited run** (at most {report.settings.limit} examples per task): "
+                     "not comparable to full scores.\n")
+    for group in GROUPS:
+        rows = [[r.task, r.version or "", r.metric, _percent(r.value), "±", _percent(r.stderr)]
+                for r in report.results if r.group == group]
+        if not rows:
+            continue
+        average = report.groups.get(group)
+        parts.append(f"### {group}\n"
+                     + _table(["Task", "Version", "Metric", "Value", "", "Stderr"], rows, right={1, 3, 5})
+                     + f"\n\nAverage: {'' if average is None else average}%\n")
+    parts.append(f"Average score: {'Not available (not all four groups ran)' if report.average is None else str(report.average) + '%'}")
+    seconds = int(report.wall_time_s)
+    parts.append(f"\nElapsed time: {seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}")
+    return "\n".join(parts) + "\n"
