@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -53,6 +54,25 @@ def build(
         console.print(f"[yellow]warning:[/yellow] {warning}")
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("out/demo"), help="Where the demo MoE is written."),
+    device: str = typer.Option("auto", help="Where the router hidden-state pass runs: cpu, cuda or auto."),
+):
+    """Build the embedded offline demo: a 3-expert MoE (chat, math, code) from SmolLM2-135M-Instruct."""
+    from moelab.build import BuildOptions, build_moe, is_up_to_date
+    from moelab.recipe import load_recipe
+
+    recipe_path = Path(__file__).parent / "recipes" / "demo-smollm2.yaml"
+    parsed, text = load_recipe(recipe_path)
+    if is_up_to_date(out, text):
+        console.print(f"[green]up to date[/green]: {out} was built from this recipe")
+    else:
+        result = build_moe(parsed, text, out, BuildOptions(device=device, force=True), recipe_dir=recipe_path.parent)
+        console.print(f"[green]built[/green] {result.architecture} with {result.num_experts} experts at {out}")
+    console.print(f"next: moelab chat {out} --prompt 'What is 12, then times 3?'")
+
+
 def parse_size(text: str) -> int:
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     number = text.strip().upper().rstrip("S")
@@ -67,6 +87,9 @@ def parse_size(text: str) -> int:
 
 
 def main() -> None:
+    # transformers' and the Hub's own progress bars and advice would bury moelab's output; users can turn them back on.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app()
     except MoelabError as err:

@@ -339,3 +339,36 @@ def test_bad_models_get_a_one_line_error(tmp_path, tiny_dense):
         "--device", "cpu")
     assert_one_line_error(result, "need a CUDA GPU")
 
+
+
+@pytest.mark.parametrize("recipe_file", sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(recipe_file):
+    from moelab.recipe import load_recipe
+
+    recipe, _ = load_recipe(recipe_file)
+    assert recipe.experts and recipe.base_model
+    assert len(set(recipe.expert_names())) == len(recipe.experts)
+
+
+def test_mergekit_moe_recipe_loads_unchanged():
+    text = """
+base_model: mlabonne/Marcoro14-7B-slerp
+gate_mode: hidden
+dtype: bfloat16
+experts:
+  - source_model: openchat/openchat-3.5-1210
+    positive_prompts: ["chat", "assistant", "tell me", "explain"]
+  - source_model: beowolx/CodeNinja-1.0-OpenChat-7B
+    positive_prompts: ["code", "python", "javascript", "programming", "algorithm"]
+    noise_scale: 0.01
+shared_experts:
+  - source_model: mlabonne/Marcoro14-7B-slerp
+    positive_prompts: ["general"]
+    residual_scale: 0.1
+architecture: Qwen MoE
+"""
+    recipe = parse_recipe(text)
+    assert recipe.output_architecture() == "qwen2_moe"
+    assert recipe.experts_per_token == 2 and recipe.expert_names() == ["E0", "E1"]
+    assert recipe.shared_experts[0].residual_scale == 0.1

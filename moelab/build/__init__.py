@@ -103,6 +103,15 @@ def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions
                        total_bytes=sum(t.nbytes for t in plan), warnings=warnings)
 
 
+def is_up_to_date(out: Path, recipe_text: str) -> bool:
+    """True when `out` is a finished moelab build of exactly this recipe text."""
+    meta = Path(out) / "moelab.json"
+    try:
+        return json.loads(meta.read_text()).get("recipe_sha256") == recipe_hash(recipe_text)
+    except (OSError, ValueError):
+        return False
+
+
 def _open_model(ref: str, recipe_dir: Optional[Path]) -> ResolvedModel:
     folder = resolve_model(ref, recipe_dir)
     try:
