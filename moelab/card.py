@@ -7,8 +7,12 @@ import yaml
 from moelab.recipe import Recipe
 
 
-def model_card(recipe: Recipe, recipe_text: str, architecture: str, notes: list[str]) -> str:
-    """Markdown with YAML front matter: base models, tags, the expert table, build notes, the recipe and usage."""
+def model_card(recipe: Recipe, recipe_text: str, architecture: str, notes: list[str],
+               shared_deltas: dict[str, float] | None = None) -> str:
+    """Markdown with YAML front matter: base models, tags, the expert table, build notes, the recipe and usage.
+
+    `shared_deltas`: per expert, how far its shared (non-MLP) weights are from the base's (relative norm).
+    """
     sources = [recipe.base_model] + [e.source_model for e in recipe.experts]
     metadata = {
         "base_model": sorted(set(sources)),
@@ -20,6 +24,7 @@ def model_card(recipe: Recipe, recipe_text: str, architecture: str, notes: list[
         f"| {name} | `{e.source_model}` | {len(e.positive_prompts)} | {len(e.negative_prompts)} |"
         for name, e in zip(recipe.expert_names(), recipe.experts))
     notes_md = "".join(f"- {n}\n" for n in notes)
+    deltas_md = "".join(f"| {name} | {delta:.2%} |\n" for name, delta in (shared_deltas or {}).items())
     return (
         f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---\n\n# {title}\n\n"
         f"A {architecture} Mixture-of-Experts built with moelab from {len(recipe.experts)} experts "
@@ -27,6 +32,9 @@ def model_card(recipe: Recipe, recipe_text: str, architecture: str, notes: list[
         f"embeddings come from `{recipe.base_model}`.\n\n"
         "| expert | source model | positive prompts | negative prompts |\n|---|---|---|---|\n"
         f"{rows}\n\n"
+        + (f"## Shared weights: `{recipe.shared_weights}`\nHow far each expert's non-MLP weights are from the "
+           "base's (relative norm of the difference); `base` drops these changes, the merging modes keep them.\n\n"
+           f"| expert | change of shared weights |\n|---|---|\n{deltas_md}\n" if deltas_md else "")
         + (f"## Build notes\n{notes_md}\n" if notes else "")
         + f"## Recipe\n```yaml\n{recipe_text.rstrip()}\n```\n\n"
         "## Usage\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"

@@ -14,6 +14,7 @@ from moelab.errors import MoelabError
 GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random", "hidden_last", "hidden_avg")
 PROMPTED_GATE_MODES = ("hidden", "cheap_embed", "hidden_last", "hidden_avg")
 RANDOM_GATE_MODES = ("random", "uniform_random")
+SHARED_WEIGHT_MODES = ("base", "average", "task_arithmetic", "ties")
 
 # Output architectures. Keys are moelab ids; values are the spellings mergekit-moe accepts (it prefix-matches,
 # case-insensitively), so its recipes work unchanged.
@@ -35,8 +36,10 @@ class Expert(BaseModel):
     negative_prompts: list[str] = Field(default_factory=list)
     noise_scale: Optional[float] = None
     residual_scale: Optional[float] = None
-    # moelab addition: a short label used by chat, compare and the model card.
+    # moelab additions: a short label used by chat, compare and the model card; the expert's weight in
+    # task_arithmetic/ties shared weights.
     name: Optional[str] = None
+    weight: Optional[float] = None
 
 
 class Recipe(BaseModel):
@@ -53,6 +56,8 @@ class Recipe(BaseModel):
     name: Optional[str] = None
     seed: int = 0
     allow_identical_experts: bool = False
+    shared_weights: str = "base"
+    density: float = 0.5
 
     def expert_names(self) -> list[str]:
         return [e.name or f"E{i}" for i, e in enumerate(self.experts)]
@@ -152,6 +157,12 @@ def _check_recipe(recipe: Recipe, source: str) -> None:
     if recipe.dtype is not None and recipe.dtype.lower() not in DTYPES:
         raise MoelabError(f"{source}: unknown dtype '{recipe.dtype}'; use bfloat16, float16 or float32")
     recipe.output_architecture()
+    if recipe.shared_weights not in SHARED_WEIGHT_MODES:
+        raise MoelabError(f"{source}: unknown shared_weights '{recipe.shared_weights}'; "
+                          f"use one of {', '.join(SHARED_WEIGHT_MODES)}")
+    if not 0 < recipe.density <= 1:
+        raise MoelabError(f"{source}: density is {recipe.density}; it is the share of each delta ties keeps, "
+                          "so set it in (0, 1]")
     if recipe.shared_experts is not None and len(recipe.shared_experts) > 1:
         raise MoelabError(
             f"{source}: {len(recipe.shared_experts)} shared experts given; the supported layouts take at most one "

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from moelab.build.merge import DROPPED_DELTA_WARNING, SharedWeights
 from moelab.build.layouts import (MATCHING_KEYS, MoeLayout, choose_layout, dense_mlp_names, expert_tensor_names,
                                   is_dense_mlp, moe_config_dict)
 from moelab.build.sources import resolve_model
@@ -41,6 +42,7 @@ class BuildResult:
     num_shards: int
     total_bytes: int
     warnings: list[str] = field(default_factory=list)
+    shared_deltas: dict[str, float] = field(default_factory=dict)  # expert -> relative change of shared weights
 
 
 @dataclass
@@ -71,19 +73,30 @@ def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions
 
     from moelab.build.gates import compute_gates, similar_expert_pairs
 
+    shared_weights = _shared_weights(recipe, base, experts + shared)
+    shared_weights.check_shapes()
+    shared_deltas = shared_weights.relative_deltas()
+    warnings = [
+        f"expert {name} changed the shared (non-MLP) weights by {delta:.1%} of their norm, and shared_weights: "
+        "base drops that; use shared_weights: task_arithmetic to keep it"
+        for name, delta in shared_deltas.items()
+        if recipe.shared_weights == "base" and delta > DROPPED_DELTA_WARNING]
+    if shared_weights.merged and (options.load_in_4bit or options.load_in_8bit):
+        raise MoelabError(f"shared_weights: {recipe.shared_weights} cannot run the hidden-state pass in 4/8-bit "
+                          "yet; drop --load-in-4bit/--load-in-8bit")
+
     gated_experts: list[Expert] = list(recipe.experts) + (list(recipe.shared_experts) if shared else [])
     num_layers, hidden = base.config["num_hidden_layers"], base.config["hidden_size"]
-    gates = compute_gates(recipe.gate_mode, gated_experts, base.folder, base.tensors, num_layers, hidden, seed,
+    gates = compute_gates(recipe.gate_mode, gated_experts, base.folder, shared_weights, num_layers, hidden, seed,
                           options.device, options.load_in_4bit, options.load_in_8bit)
     if shared and not recipe.shared_experts[0].positive_prompts:
         gates[:, len(experts):] = 0  # documented in gates.py: an unprompted shared expert always gets sigmoid(0)
-    warnings = []
     if recipe.gate_mode in PROMPTED_GATE_MODES:
         for a, b, cos in similar_expert_pairs(gates[:, :len(experts)], recipe.expert_names()):
             warnings.append(f"experts {a} and {b} get nearly the same router rows (median cosine {cos:.3f}); "
                             "give them more distinct prompts, or routing between them is arbitrary")
 
-    plan = plan_tensors(layout, base, experts, shared, recipe, gates, out_dtype, seed)
+    plan = plan_tensors(layout, base, shared_weights, experts, shared, recipe, gates, out_dtype, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
@@ -94,13 +107,26 @@ def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions
         _write_metadata(tmp, recipe, recipe_text, layout)
         from moelab.card import model_card
 
-        (tmp / "README.md").write_text(model_card(recipe, recipe_text, layout.arch_id, warnings))
+        (tmp / "README.md").write_text(model_card(recipe, recipe_text, layout.arch_id, warnings, shared_deltas))
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BuildResult(out=out, architecture=layout.arch_id, num_experts=len(experts), num_shards=len(shard_names),
-                       total_bytes=sum(t.nbytes for t in plan), warnings=warnings)
+                       total_bytes=sum(t.nbytes for t in plan), warnings=warnings, shared_deltas=shared_deltas)
+
+
+def _shared_weights(recipe: Recipe, base: ResolvedModel, models: list[ResolvedModel]) -> SharedWeights:
+    """Each distinct non-base expert model once, under the name and weight of the first expert that uses it."""
+    specs = list(recipe.experts) + list(recipe.shared_experts or [])
+    names = recipe.expert_names() + ["shared"] * len(recipe.shared_experts or [])
+    contributors, seen = [], {base.folder.resolve()}
+    for model, spec, name in zip(models, specs, names):
+        if model.folder.resolve() not in seen:
+            seen.add(model.folder.resolve())
+            contributors.append((name, model.tensors, 1.0 if spec.weight is None else spec.weight))
+    shared_names = [n for n in base.tensors.names() if not is_dense_mlp(n)]
+    return SharedWeights(recipe.shared_weights, base.tensors, contributors, recipe.density, shared_names)
 
 
 def is_up_to_date(out: Path, recipe_text: str) -> bool:
@@ -138,9 +164,9 @@ def _config_dtype(config: dict) -> str:
     return dtype if dtype in ("bfloat16", "float16", "float32") else "bfloat16"
 
 
-def plan_tensors(layout: MoeLayout, base: ResolvedModel, experts: list[ResolvedModel], shared: list[ResolvedModel],
-                 recipe: Recipe, gates, out_dtype: str, seed: int) -> list[PlannedTensor]:
-    """Every output tensor in write order: non-MLP tensors of the base, then per layer the experts and router."""
+def plan_tensors(layout: MoeLayout, base: ResolvedModel, shared_weights: SharedWeights, experts: list[ResolvedModel],
+                 shared: list[ResolvedModel], recipe: Recipe, gates, out_dtype: str, seed: int) -> list[PlannedTensor]:
+    """Every output tensor in write order: the shared (non-MLP) tensors, then per layer the experts and router."""
     import torch
 
     dtype = getattr(torch, out_dtype)
@@ -160,9 +186,9 @@ def plan_tensors(layout: MoeLayout, base: ResolvedModel, experts: list[ResolvedM
             return tensor.to(dtype)
         plan.append(PlannedTensor(out_name, shape, code, produce))
 
-    for name in base.tensors.names():
-        if not is_dense_mlp(name):
-            from_source(base.tensors, name, name)
+    for name in shared_weights.names:
+        plan.append(PlannedTensor(name, base.tensors.info(name)[0], code,
+                                  lambda name=name: shared_weights.get(name).to(dtype)))
     for layer in range(num_layers):
         dense = dense_mlp_names(layer)
         for e, (model, spec) in enumerate(zip(experts, recipe.experts)):

@@ -175,10 +175,14 @@ def hidden_gates(model, tokenizer, experts: Sequence[Expert], mode: str):
     return torch.stack(rows, dim=1)
 
 
-def compute_gates(gate_mode: str, experts: Sequence[Expert], base_dir: Path, base_tensors, num_layers: int,
+def compute_gates(gate_mode: str, experts: Sequence[Expert], base_dir: Path, shared_weights, num_layers: int,
                   hidden: int, seed: int, device: str = "auto", load_in_4bit: bool = False,
                   load_in_8bit: bool = False):
-    """G (L, E, H) float32 for `experts` (routed experts, then a gated shared expert) under `gate_mode`."""
+    """G (L, E, H) float32 for `experts` (routed experts, then a gated shared expert) under `gate_mode`.
+
+    Prompts run through the base model with the MoE's own shared weights (`shared_weights`, a SharedWeights),
+    since those are what the router's inputs will come from.
+    """
     import gc
 
     from transformers import AutoTokenizer
@@ -187,13 +191,25 @@ def compute_gates(gate_mode: str, experts: Sequence[Expert], base_dir: Path, bas
         return random_gates(num_layers, len(experts), hidden, seed, uniform=gate_mode == "uniform_random")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if gate_mode == "cheap_embed":
-        return cheap_embed_gates(base_tensors.get("model.embed_tokens.weight"), tokenizer, experts, num_layers)
+        return cheap_embed_gates(shared_weights.get("model.embed_tokens.weight"), tokenizer, experts, num_layers)
     model = load_gate_model(base_dir, device, load_in_4bit, load_in_8bit)
+    if shared_weights.merged:
+        _load_shared_weights(model, shared_weights)
     try:
         return hidden_gates(model, tokenizer, experts, gate_mode)
     finally:
         del model
         gc.collect()
+
+
+def _load_shared_weights(model, shared_weights) -> None:
+    import torch
+
+    names = set(shared_weights.names)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in names:
+                param.copy_(shared_weights.get(name).to(param.dtype))
 
 
 def similar_expert_pairs(gates, names: Sequence[str], threshold: float = 0.995) -> list[tuple[str, str, float]]:
