@@ -46,7 +46,7 @@ class FakeGitHub(LoopbackServer):
                                       "documentation_url": "https://docs.github.com/rest"})
 
     def _auth_problem(self, request: Request) -> Response | None:
-        header = request.headers.get("Authorization", "")
+        header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if not header:
             return self._error(401, "Requires authentication") if request.method != "GET" or \
