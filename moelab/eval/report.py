@@ -148,6 +148,30 @@ def _percent(value: float | None) -> str:
     return "" if value is None or math.isnan(value) else "%.2f" % (value * 100)
 
 
+def report_view(report: EvalReport):
+    """A rich table per group: task rows, then the group score; the overall average in the caption."""
+    from rich.table import Table
+
+    limited = f", limited to {report.settings.limit} examples per task" if report.limited else ""
+    average = "not all four groups ran" if report.average is None else f"{report.average:.2f}"
+    table = Table(title=f"{report.model_name} on the Nous suite{limited}", title_justify="left",
+                  caption=f"Average of the four groups: {average}", caption_justify="left")
+    table.add_column("Task", no_wrap=True)
+    table.add_column("Metric", overflow="fold")
+    for column in ("Value", "Stderr", "n"):
+        table.add_column(column, justify="right")
+    for group in GROUPS:
+        rows = [r for r in report.results if r.group == group]
+        if not rows:
+            continue
+        for r in rows:
+            table.add_row(r.task, r.metric, _percent(r.value), _percent(r.stderr), str(r.n))
+        score = report.groups.get(group)
+        table.add_row(f"[b]{group}[/b]", "mean x100", "" if score is None else f"[b]{score:.2f}[/b]", "", "",
+                      end_section=True)
+    return table
+
+
 def report_markdown(report: EvalReport, repo_id: str | None = None) -> str:
     """AutoEval's Gist layout: summary row, one table per group with its average, overall average, elapsed time.
 

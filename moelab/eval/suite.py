@@ -26,6 +26,7 @@ class SuiteTask:
     name: str  # the Nous (lm-eval 0.3) name, as AutoEval gists show it
     group: str
     lm_eval_task: str | None
+    lm_eval_yaml: str | None  # that task's YAML, relative to lm_eval/tasks (saves indexing all 10k YAMLs)
     metric: str  # the name the report and gist show
     lm_eval_metric: str  # the key lm-eval's results carry for it
     data_file: str  # relative to --data-dir, in the dataset's own schema
@@ -33,16 +34,16 @@ class SuiteTask:
 
 
 def _agieval(name: str, hub_name: str) -> SuiteTask:
-    return SuiteTask(f"agieval_{name}", "AGIEval", f"agieval_{name}", "acc_norm", "acc_norm",
-                     f"agieval/{hub_name}.jsonl")
+    return SuiteTask(f"agieval_{name}", "AGIEval", f"agieval_{name}", f"agieval/{hub_name}.yaml", "acc_norm",
+                     "acc_norm", f"agieval/{hub_name}.jsonl")
 
 
-def _gpt4all(name: str, metric: str, data_file: str) -> SuiteTask:
-    return SuiteTask(name, "GPT4All", name, metric, metric, f"gpt4all/{data_file}")
+def _gpt4all(name: str, yaml_file: str, metric: str) -> SuiteTask:
+    return SuiteTask(name, "GPT4All", name, yaml_file, metric, metric, f"gpt4all/{name}.jsonl")
 
 
 def _bigbench(nous_name: str, file_stem: str) -> SuiteTask:
-    return SuiteTask(f"bigbench_{nous_name}", "Bigbench", None, "multiple_choice_grade", "multiple_choice_grade",
+    return SuiteTask(f"bigbench_{nous_name}", "Bigbench", None, None, "multiple_choice_grade", "multiple_choice_grade",
                      f"bigbench/{file_stem}.jsonl")
 
 
@@ -59,15 +60,16 @@ NOUS_TASKS: tuple[SuiteTask, ...] = (
     _agieval("sat_en", "sat-en"),
     _agieval("sat_en_without_passage", "sat-en-without-passage"),
     _agieval("sat_math", "sat-math"),
-    _gpt4all("arc_challenge", "acc_norm", "arc_challenge.jsonl"),
-    _gpt4all("arc_easy", "acc_norm", "arc_easy.jsonl"),
-    _gpt4all("boolq", "acc", "boolq.jsonl"),
-    _gpt4all("hellaswag", "acc_norm", "hellaswag.jsonl"),
-    _gpt4all("openbookqa", "acc_norm", "openbookqa.jsonl"),
-    _gpt4all("piqa", "acc_norm", "piqa.jsonl"),
-    _gpt4all("winogrande", "acc", "winogrande.jsonl"),
+    _gpt4all("arc_challenge", "arc/arc_challenge.yaml", "acc_norm"),
+    _gpt4all("arc_easy", "arc/arc_easy.yaml", "acc_norm"),
+    _gpt4all("boolq", "super_glue/boolq/default.yaml", "acc"),
+    _gpt4all("hellaswag", "hellaswag/hellaswag.yaml", "acc_norm"),
+    _gpt4all("openbookqa", "openbookqa/openbookqa.yaml", "acc_norm"),
+    _gpt4all("piqa", "piqa/piqa.yaml", "acc_norm"),
+    _gpt4all("winogrande", "winogrande/default.yaml", "acc"),
     # lm-eval 0.4 names mc2 "acc" inside truthfulqa_mc2; the 6-pair preamble is in its doc_to_text.
-    SuiteTask("truthfulqa_mc", "TruthfulQA", "truthfulqa_mc2", "mc2", "acc", "truthfulqa/truthfulqa_mc.jsonl"),
+    SuiteTask("truthfulqa_mc", "TruthfulQA", "truthfulqa_mc2", "truthfulqa/truthfulqa_mc2.yaml", "mc2", "acc",
+              "truthfulqa/truthfulqa_mc.jsonl"),
     _bigbench("causal_judgement", "causal_judgment"),  # Nous spells it "judgement", BIG-bench "judgment"
     _bigbench_same("date_understanding"),
     _bigbench_same("disambiguation_qa"),

@@ -1,0 +1,350 @@
+"""Run the Nous suite on this machine through lm-eval's Python API, one task at a time, with a resume cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+
+from moelab.errors import MoelabError
+from moelab.eval.report import (EvalReport, EvalSettings, TaskResult, group_scores, overall_average,
+                                write_text_atomic)
+from moelab.eval.suite import NOUS_TASKS, SuiteTask
+
+# On CPU lm-eval's "auto" batch probe runs five full-length forwards at batch 64: slower than the eval itself.
+CPU_AUTO_BATCH_SIZE = 8
+# The Nous-era harness split these two BIG-bench tasks by number of objects; hails/bigbench mixes them in one config.
+OBJECT_COUNTS = {"three": 3, "five": 5, "seven": 7}
+
+
+def multiple_choice_grade(doc: dict, loglikelihoods: list) -> dict[str, float]:
+    """BIG-bench's multiple_choice_grade: the score of the most likely choice, so any choice that scores 1 counts.
+
+    lm-eval 0.4's `acc` credits only targets[0]; 816 reasoning_about_colored_objects and 72 geometric_shapes rows
+    have two right answers ("3"/"three"), which the Nous numbers credit.
+    """
+    scores = [ll for ll, _ in loglikelihoods]
+    best = max(range(len(scores)), key=scores.__getitem__)
+    return {"multiple_choice_grade": float(doc["multiple_choice_scores"][best] == 1)}
+
+
+def docs_with_choice_count(dataset, count: int):
+    return dataset.filter(lambda doc: len(doc["multiple_choice_targets"]) == count)
+
+
+def bigbench_config(task: SuiteTask, data_dir: Path | None) -> dict:
+    """Our own lm-eval task for one of the 18 Nous BIG-bench tasks, from hails/bigbench or a local JSONL file."""
+    stem = Path(task.data_file).stem
+    parent, _, objects = stem.rpartition("_objects")[0].rpartition("_")
+    count = OBJECT_COUNTS.get(objects) if parent in ("logical_deduction", "tracking_shuffled_objects") else None
+    if data_dir is not None:
+        source = {"dataset_path": "json", "dataset_name": None,
+                  "dataset_kwargs": {"data_files": {"default": str(data_dir / task.data_file)}}}
+        process_docs = None
+    else:
+        source = {"dataset_path": "hails/bigbench", "dataset_name": f"{parent if count else stem}_zero_shot"}
+        process_docs = partial(docs_with_choice_count, count=count) if count else None
+    return {
+        "task": task.name, **source, "output_type": "multiple_choice", "test_split": "default",
+        **({"process_docs": process_docs} if process_docs else {}),
+        "doc_to_text": "inputs", "doc_to_target": "{{multiple_choice_targets.index(targets[0])}}",
+        "doc_to_choice": "{{multiple_choice_targets}}", "process_results": multiple_choice_grade,
+        "metric_list": [{"metric": "multiple_choice_grade", "aggregation": "mean", "higher_is_better": True}],
+        "num_fewshot": task.num_fewshot, "metadata": {"version": 1.0},
+    }
+
+
+def stock_config(task: SuiteTask, data_dir: Path | None) -> dict:
+    """lm-eval's own YAML for the task, renamed to the Nous name and, with a data dir, pointed at a local file."""
+    import lm_eval.tasks
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    config = load_yaml(Path(lm_eval.tasks.__file__).parent / task.lm_eval_yaml, resolve_func=True)
+    for key in ("tag", "group"):
+        config.pop(key, None)
+    config.update(task=task.name, num_fewshot=task.num_fewshot)
+    if data_dir is not None:
+        split = config.get("test_split") or config["validation_split"]
+        config.update(dataset_path="json", dataset_name=None,
+                      dataset_kwargs={"data_files": {split: str(data_dir / task.data_file)}},
+                      training_split=None, fewshot_split=None,
+                      validation_split=split if split == config.get("validation_split") else None)
+    return config
+
+
+def task_config(task: SuiteTask, data_dir: Path | None) -> dict:
+    return stock_config(task, data_dir) if task.lm_eval_yaml else bigbench_config(task, data_dir)
+
+
+def check_data_files(tasks: list[SuiteTask], data_dir: Path) -> None:
+    if not data_dir.is_dir():
+        raise MoelabError(f"--data-dir {data_dir} is not a folder; it should hold bigbench/, agieval/, gpt4all/ "
+                          "and truthfulqa/ subfolders")
+    for task in tasks:
+        if not (data_dir / task.data_file).is_file():
+            raise MoelabError(f"task {task.name} needs {data_dir / task.data_file}, which is missing; add the file "
+                              f"(the dataset's own JSONL schema) or leave {task.name} out of --tasks")
+
+
+def model_name_of(model: str) -> str:
+    """The folder name of a local model, or the name part of a Hub repo id (org/name)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve().name
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise MoelabError(f"model '{model}' is neither a model folder nor a Hub repo id (org/name)")
+    return model.split("/")[-1]
+
+
+def default_report_path(model: str) -> Path:
+    return Path("reports") / model_name_of(model) / "nous.json"
+
+
+def model_identity(model: str) -> tuple[str, str | None, dict | None]:
+    """(name, content hash, moelab recipe) of a local folder; (name, None, None) for a Hub repo id."""
+    import yaml
+
+    name, path = model_name_of(model), Path(model).expanduser()
+    if not path.is_dir():
+        return name, None, None
+    # Hash what identifies the weights without reading gigabytes: config, index, and each shard's size + header.
+    digest = hashlib.sha256()
+    for file in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
+        if file.suffix == ".json":
+            digest.update(file.name.encode() + file.read_bytes())
+        else:
+            with file.open("rb") as f:
+                header = f.read(8)
+                digest.update(file.name.encode() + str(file.stat().st_size).encode()
+                              + header + f.read(int.from_bytes(header, "little")))
+    recipe_file = path / "moelab_recipe.yaml"
+    recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else None
+    return name, digest.hexdigest(), recipe
+
+
+def resolve_settings(settings: EvalSettings) -> EvalSettings:
+    """Fill "auto" device/dtype/batch size with what this machine will actually use (the report records these)."""
+    import torch
+
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MoelabError(f"--device {device} but no CUDA GPU is visible; use --device cpu")
+    # AutoEval runs float16 on GPU; CPU float16 matmuls are slow and lossy, so CPU uses float32.
+    dtype = settings.dtype if settings.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise MoelabError(f"--dtype {dtype} is not one of auto, float16, bfloat16, float32")
+    batch_size = settings.batch_size
+    if batch_size == "auto" and device == "cpu":
+        batch_size = str(CPU_AUTO_BATCH_SIZE)
+    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
+        raise MoelabError(f"--batch-size {batch_size} is not a positive integer or 'auto'")
+    if settings.backend == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None or not device.startswith("cuda"):
+            raise MoelabError("--backend vllm needs the vllm package and a CUDA GPU; use --backend hf")
+    elif settings.backend != "hf":
+        raise MoelabError(f"--backend {settings.backend} is not hf or vllm")
+    if settings.limit is not None and settings.limit <= 0:
+        raise MoelabError(f"--limit {settings.limit} must be a positive number of examples per task")
+    return replace(settings, device=device, dtype=dtype, batch_size=batch_size)
+
+
+def load_language_model(model: str, settings: EvalSettings):
+    from lm_eval.api.registry import get_model
+
+    batch_size = int(settings.batch_size) if settings.batch_size.isdigit() else settings.batch_size
+    arguments = dict(pretrained=model, dtype=settings.dtype, batch_size=batch_size, max_length=settings.max_length,
+                     add_bos_token=False)  # the Nous harness encodes with add_special_tokens=False
+    if settings.backend == "hf":
+        arguments["device"] = settings.device
+    try:
+        return get_model(settings.backend)(**arguments)
+    except (OSError, ValueError, KeyError, ImportError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MoelabError(f"cannot load model '{model}' with lm-eval's {settings.backend} backend: {first_line}") \
+            from None
+
+
+def task_fingerprint(model: str, content_hash: str | None, settings: EvalSettings, task: SuiteTask,
+                     data_dir: Path | None) -> str:
+    """What a cached task result depends on; a cached result with another fingerprint is recomputed."""
+    data_file = data_dir / task.data_file if data_dir else None
+    key = {"model": model, "content_hash": content_hash, "task": task.name, "num_fewshot": task.num_fewshot,
+           "limit": settings.limit, "backend": settings.backend, "dtype": settings.dtype,
+           "max_length": settings.max_length,
+           "data": [str(data_file.resolve()), data_file.stat().st_size] if data_file else None}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def cache_dir_for(output: Path) -> Path:
+    return output.with_name(output.name + ".partial")
+
+
+def read_cached(cache_dir: Path, task: SuiteTask, fingerprint: str) -> TaskResult | None:
+    file = cache_dir / f"{task.name}.json"
+    try:
+        entry = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return TaskResult(**entry["result"]) if entry.get("fingerprint") == fingerprint else None
+
+
+def task_result(task: SuiteTask, output: dict) -> TaskResult:
+    """Our TaskResult from lm-eval's results dict for one task."""
+    metrics = output["results"][task.name]
+    value = float(metrics[f"{task.lm_eval_metric},none"])
+    stderr = metrics.get(f"{task.lm_eval_metric}_stderr,none")
+    if value != value:  # AutoEval scores a NaN (e.g. TruthfulQA mc2) as 0
+        value = 0.0
+    return TaskResult(task=task.name, group=task.group, metric=task.metric, value=value,
+                      stderr=float(stderr) if isinstance(stderr, (int, float)) and stderr == stderr else None,
+                      n=int(output["n-samples"][task.name]["effective"]),
+                      version=str(output["versions"][task.name]), num_fewshot=int(output["n-shot"][task.name]))
+
+
+def evaluate_task(lm, task: SuiteTask, settings: EvalSettings, data_dir: Path | None, task_manager) -> TaskResult:
+    """One task through lm_eval.evaluator.evaluate, seeded as simple_evaluate seeds it.
+
+    Not simple_evaluate itself: on every call it also collects torch's environment report (pip list, lscpu...),
+    1-2 s per task, and we call once per task so that each finished task is cached.
+    """
+    import random
+
+    import numpy
+    import torch
+    from lm_eval.evaluator import evaluate
+
+    random.seed(0)
+    numpy.random.seed(1234)
+    torch.manual_seed(1234)
+    loaded = task_manager.load([task_config(task, data_dir)])
+    for lm_eval_task in loaded["tasks"].values():
+        lm_eval_task.set_fewshot_seed(seed=1234)
+    return task_result(task, evaluate(lm=lm, task_dict=loaded, limit=settings.limit, log_samples=False))
+
+
+def check_writable(output: Path) -> None:
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        probe = output.parent / f".{output.name}.probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise MoelabError(f"cannot write the report at {output} ({err.strerror}); choose another --output") from None
+    if output.is_dir():
+        raise MoelabError(f"--output {output} is a folder; give a file path such as {output / 'nous.json'}")
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name, dist in (("moelab", "moelab"), ("lm_eval", "lm_eval"), ("torch", "torch"),
+                       ("transformers", "transformers")):
+        try:
+            versions[name] = version(dist)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def run_eval(model: str, settings: EvalSettings, data_dir: Path | None, output: Path) -> EvalReport:
+    """Evaluate MODEL on settings.tasks, reusing finished tasks cached beside OUTPUT, and save the EvalReport there.
+
+    Finished tasks are written to `<output>.partial/<task>.json` as they complete, so a run stopped by an error or
+    Ctrl-C continues where it stopped; the folder is removed once the report is written.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from moelab.eval.suite import select_tasks
+
+    started = time.perf_counter()
+    tasks = select_tasks(",".join(settings.tasks))
+    output = Path(output)
+    data_dir = Path(data_dir).expanduser() if data_dir is not None else None
+    if data_dir is not None:
+        check_data_files(tasks, data_dir)
+    check_writable(output)
+    model_name, content_hash, recipe = model_identity(model)
+    settings = resolve_settings(replace(settings, tasks=[t.name for t in tasks],
+                                        num_fewshot={t.name: t.num_fewshot for t in tasks}))
+
+    cache_dir = cache_dir_for(output)
+    cache_dir.mkdir(exist_ok=True)
+    fingerprints = {t.name: task_fingerprint(model, content_hash, settings, t, data_dir) for t in tasks}
+    results = {t.name: r for t in tasks if (r := read_cached(cache_dir, t, fingerprints[t.name]))}
+    lm = task_manager = revision = None
+    with quiet_lm_eval(), Progress(TextColumn("{task.description}"), BarColumn(),
+                                   TextColumn("{task.completed}/{task.total} tasks"), TimeElapsedColumn()) as bar:
+        overall = bar.add_task("cached", total=len(tasks), completed=len(results))
+        for task in tasks:
+            if task.name in results:
+                continue
+            if lm is None:
+                from lm_eval.tasks import TaskManager
+
+                bar.update(overall, description=f"loading {model_name}")
+                lm = load_language_model(model, settings)
+                task_manager = TaskManager(include_defaults=False)  # our configs are inline dicts
+                revision = getattr(getattr(getattr(lm, "model", None), "config", None), "_commit_hash", None)
+            bar.update(overall, description=task.name)
+            results[task.name] = evaluate_task(lm, task, settings, data_dir, task_manager)
+            write_text_atomic(cache_dir / f"{task.name}.json", json.dumps(
+                {"fingerprint": fingerprints[task.name], "result": asdict(results[task.name])}))
+            bar.advance(overall)
+        bar.update(overall, description="done")
+
+    ordered = [results[t.name] for t in tasks]
+    groups = group_scores(ordered)
+    report = EvalReport(
+        model=model, model_name=model_name, settings=settings, results=ordered,
+        revision=revision if content_hash is None else None, content_hash=content_hash, recipe=recipe,
+        groups=groups, average=overall_average(groups), limited=settings.limit is not None, versions=package_versions(),
+        wall_time_s=round(time.perf_counter() - started, 2),
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    report.save(output)
+    for file in cache_dir.glob("*.json"):
+        file.unlink()
+    cache_dir.rmdir()
+    return report
+
+
+class quiet_lm_eval:
+    """Silence datasets' and transformers' progress bars and lm-eval's INFO logs while our per-task bar runs."""
+
+    def __enter__(self):
+        import logging
+
+        import datasets
+        import transformers
+
+        self.bars_were_on = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+        self.loggers = [logging.getLogger(name) for name in ("lm_eval", "datasets", "transformers")]
+        self.levels = [logger.level for logger in self.loggers]
+        for logger in self.loggers:
+            logger.setLevel(logging.ERROR)
+        return self
+
+    def __exit__(self, *exc):
+        import warnings
+
+        import datasets
+        import transformers
+
+        if self.bars_were_on:
+            with warnings.catch_warnings():  # huggingface_hub warns when HF_HUB_DISABLE_PROGRESS_BARS overrides us
+                warnings.simplefilter("ignore")
+                datasets.enable_progress_bars()
+                transformers.utils.logging.enable_progress_bar()
+        for logger, level in zip(self.loggers, self.levels):
+            logger.setLevel(level)
+        return False

@@ -1,0 +1,520 @@
+"""`moelab eval --remote runpod`: rent a RunPod GPU pod, run the eval there, read the report back, never leak the pod.
+
+How it works (both sides of the wire):
+1. Local: create a secret GitHub Gist for this run (GITHUB_TOKEN, gist scope), then a pod whose start command
+   pip-installs moelab and runs `python -m moelab.eval.pod`. The model (a Hub repo id), the eval settings and the
+   gist id travel as pod environment variables, and so do the secrets the pod needs (GITHUB_TOKEN, HF_TOKEN if set).
+   The RunPod API key never leaves this machine.
+2. Pod (moelab/eval/pod.py): run the same `run_eval`, write the EvalReport JSON and its AutoEval markdown into the
+   gist (or an error file if it failed), then remove itself with its pod-scoped key, as AutoEval's pods do.
+3. Local: poll the pod (state, elapsed time, cost per hour x time) and the gist until the report or an error
+   arrives, save the report like a local run, and terminate the pod in a `finally` that also runs on errors,
+   timeouts, Ctrl-C and SIGTERM. If termination fails, the error says so with the pod id and how to remove it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets as random_tokens
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from moelab import __version__
+from moelab.errors import MoelabError
+from moelab.eval.report import EvalReport, EvalSettings
+
+DEFAULT_GPU = "NVIDIA A100 80GB PCIe"  # 80 GB holds a 4x7B frankenMoE in float16
+DEFAULT_IMAGE = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
+DEFAULT_INSTALL = f"moelab[eval]=={__version__}"
+CLOUDS = ("secure", "community")
+PODS_CONSOLE_URL = "https://www.console.runpod.io/pods"
+# A pod that has no running container after this long is not coming (no capacity, image pull stuck).
+READY_TIMEOUT_S = 20 * 60
+POLL_ENV = "MOELAB_REMOTE_POLL_S"  # seconds between polls of the pod and the gist; tests make it short
+DEFAULT_POLL_S = 15.0
+MAX_API_FAILURES = 3  # consecutive failed polls before we give up (and terminate)
+GITHUB_API_ENV = "GITHUB_API_URL"
+
+# What the local side and the pod agree on (names of gist files and pod environment variables).
+REPORT_FILE = "moelab-report.json"
+ERROR_FILE = "moelab-error.txt"
+POD_ENV_MODEL = "MOELAB_MODEL"
+POD_ENV_SETTINGS = "MOELAB_EVAL_SETTINGS"
+POD_ENV_GIST = "MOELAB_GIST_ID"
+POD_ENV_KEEP = "MOELAB_KEEP_POD"
+POD_SECRET_NAMES = ("GITHUB_TOKEN", "HF_TOKEN")
+
+
+@dataclass
+class RemoteOptions:
+    gpu: str = DEFAULT_GPU
+    gpu_count: int = 1
+    cloud: str = "secure"
+    image: str = DEFAULT_IMAGE
+    disk_gb: int = 100
+    timeout_min: float = 240.0
+    install: str = DEFAULT_INSTALL
+    keep_pod: bool = False
+
+
+@dataclass
+class Secrets:
+    runpod_api_key: str | None
+    github_token: str | None
+    hf_token: str | None = None
+
+    @classmethod
+    def from_env(cls, runpod_api_key: str | None = None) -> "Secrets":
+        return cls(runpod_api_key or os.environ.get("RUNPOD_API_KEY"), os.environ.get("GITHUB_TOKEN"),
+                   os.environ.get("HF_TOKEN"))
+
+    def values(self) -> list[str]:
+        return [v for v in (self.runpod_api_key, self.github_token, self.hf_token) if v]
+
+
+def mask_secrets(text: str, secret_values: list[str]) -> str:
+    for value in sorted(secret_values, key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
+
+
+@dataclass
+class PodSpec:
+    """Everything `runpod.create_pod` receives."""
+
+    name: str
+    image: str
+    gpu: str
+    gpu_count: int
+    cloud: str  # SECURE | COMMUNITY, as the API spells it
+    disk_gb: int
+    start_command: str
+    env: dict[str, str]
+
+    def shown(self) -> dict[str, object]:
+        """The spec as --dry-run prints it: secret environment values masked."""
+        env = {k: ("***" if v else "<not set>") if k in POD_SECRET_NAMES else v for k, v in self.env.items()}
+        return {**asdict(self), "env": env}
+
+
+@dataclass
+class PodProgress:
+    pod_id: str
+    state: str  # created, starting, running, report received, terminated, removed itself, kept running
+    elapsed_s: float
+    cost_per_hr: float | None
+
+    @property
+    def cost_usd(self) -> float | None:
+        return None if self.cost_per_hr is None else self.cost_per_hr * self.elapsed_s / 3600
+
+
+@dataclass
+class RemoteResult:
+    report: EvalReport
+    output: Path
+    pod_id: str
+    elapsed_s: float
+    cost_usd: float | None
+    gist_url: str
+
+
+def pod_spec_view(spec: PodSpec):
+    """A rich table of the pod --dry-run would create, secrets masked."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table("pod", "value", title="RunPod pod (dry run: nothing created)")
+    table.columns[1].overflow = "fold"
+    for key, value in spec.shown().items():
+        rows = [(f"env {k}", v) for k, v in value.items()] if key == "env" else [(key, value)]
+        for name, text in rows:
+            table.add_row(name, Text(str(text)))  # Text: no rich markup, so "moelab[eval]" prints as written
+    return table
+
+
+def progress_line(progress: PodProgress) -> str:
+    minutes, seconds = divmod(int(progress.elapsed_s), 60)
+    cost = "" if progress.cost_usd is None else f"  ~${progress.cost_usd:.2f} at ${progress.cost_per_hr:.2f}/h"
+    return f"pod {progress.pod_id}: {progress.state}  {minutes}m{seconds:02d}s{cost}"
+
+
+def check_remote_model(model: str, push: str | None) -> str:
+    """The Hub repo id the pod evaluates: MODEL itself, or --push REPO for a local folder."""
+    if push:
+        if not Path(model).is_dir():
+            raise MoelabError(f"--push {push} uploads a local model folder, but '{model}' is not a folder")
+        return push
+    if Path(model).exists():
+        raise MoelabError(f"'{model}' is a local folder, which the pod cannot read; add --push ORG/NAME to upload "
+                          "it to the Hub first, or pass a Hub repo id")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        raise MoelabError(f"'{model}' is not a Hub repo id (org/name); the pod downloads the model from the Hub")
+    return model
+
+
+def pod_spec(repo_id: str, settings: EvalSettings, options: RemoteOptions, secrets: Secrets,
+             gist_id: str = "<created at run time>") -> PodSpec:
+    if options.cloud not in CLOUDS:
+        raise MoelabError(f"--cloud {options.cloud} is not one of {', '.join(CLOUDS)}")
+    if options.gpu_count < 1 or options.disk_gb < 10 or options.timeout_min <= 0:
+        raise MoelabError("--gpu-count must be >= 1, --disk-gb >= 10 and --timeout-min > 0")
+    if any(c in options.install for c in "'\n"):
+        raise MoelabError(f"--install '{options.install}' may not contain quotes or newlines; give a pip spec")
+    env = {POD_ENV_MODEL: repo_id, POD_ENV_SETTINGS: json.dumps(asdict(settings)), POD_ENV_GIST: gist_id,
+           "GITHUB_TOKEN": secrets.github_token or ""}
+    if secrets.hf_token:
+        env["HF_TOKEN"] = secrets.hf_token
+    if os.environ.get(GITHUB_API_ENV):  # GitHub Enterprise: the pod must post to the same server
+        env[GITHUB_API_ENV] = os.environ[GITHUB_API_ENV]
+    run = f'pip install -q "{options.install}" && python -m moelab.eval.pod'
+    if options.keep_pod:
+        env[POD_ENV_KEEP] = "1"
+        command = f"{run}; sleep infinity"
+    else:
+        # If the install fails, the pod entry never runs: remove the pod from the shell instead.
+        command = f"{run} || runpodctl remove pod $RUNPOD_POD_ID; sleep infinity"
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", f"moelab-eval-{repo_id.split('/')[-1]}")[:48]
+    return PodSpec(name=f"{name}-{random_tokens.token_hex(3)}", image=options.image, gpu=options.gpu,
+                   gpu_count=options.gpu_count, cloud=options.cloud.upper(), disk_gb=options.disk_gb,
+                   start_command=f"bash -c '{command}'", env=env)
+
+
+def planned_pod(model: str, settings: EvalSettings, options: RemoteOptions, secrets: Secrets,
+                push: str | None = None) -> PodSpec:
+    """The pod `run_remote_eval` would create (for --dry-run): nothing is created or uploaded."""
+    return pod_spec(check_remote_model(model, push), settings, options, secrets)
+
+
+def run_remote_eval(model: str, settings: EvalSettings, output: Path, options: RemoteOptions, secrets: Secrets,
+                    push: str | None = None, on_progress: Callable[[PodProgress], None] = lambda p: None
+                    ) -> RemoteResult:
+    """Evaluate MODEL on a RunPod pod and save its EvalReport at OUTPUT; the pod is removed on every path."""
+    from moelab.eval.local import check_writable
+
+    repo_id = check_remote_model(model, push)
+    pod_spec(repo_id, settings, options, secrets)  # validate the options before anything is created
+    if not secrets.runpod_api_key:
+        raise MoelabError("no RunPod API key; set RUNPOD_API_KEY or pass --runpod-api-key (runpod.io > Settings)")
+    if not secrets.github_token:
+        raise MoelabError("the pod returns the report through a secret Gist: set GITHUB_TOKEN to a token with "
+                          "the gist scope")
+    check_writable(Path(output))
+    if push:
+        publish_for_pod(model, push, secrets)
+    channel = GistChannel.create(secrets.github_token, repo_id)
+    report = None
+    with exit_on_sigterm():
+        pod = RunPodSession(secrets, on_progress)
+        try:
+            pod.create(pod_spec(repo_id, settings, options, secrets, channel.gist_id))
+            report = pod.wait_for_report(channel, options.timeout_min * 60)
+            if push:
+                report.recipe = report.recipe or local_recipe(model)
+            report.gist_id = channel.gist_id
+            report.save(output)
+        except BaseException as err:
+            try:
+                pod.finish(keep=options.keep_pod, failure=err)
+            finally:
+                if report is None:
+                    channel.delete()
+            raise
+        pod.finish(keep=options.keep_pod)
+    return RemoteResult(report, Path(output), pod.pod_id, pod.elapsed_s, pod.cost_usd, channel.html_url)
+
+
+def publish_for_pod(model: str, repo_id: str, secrets: Secrets) -> None:
+    try:
+        from moelab.publish import publish_model
+    except ImportError:
+        raise MoelabError(f"--push needs `moelab publish`, which this moelab lacks; upload the folder yourself "
+                          f"(huggingface-cli upload {repo_id} {model}) and pass {repo_id} as MODEL") from None
+    publish_model(Path(model), repo_id, token=secrets.hf_token)
+
+
+def local_recipe(model: str) -> dict | None:
+    from moelab.eval.local import model_identity
+
+    return model_identity(model)[2]
+
+
+class RunPodSession:
+    """One pod's life: create, poll, terminate exactly once. Progress goes to `on_progress`."""
+
+    def __init__(self, secrets: Secrets, on_progress: Callable[[PodProgress], None]):
+        import runpod
+
+        runpod.api_key = secrets.runpod_api_key  # create/terminate_pod take no key argument, only this global
+        self.runpod = runpod
+        self.secret_values = secrets.values()
+        self.on_progress = on_progress
+        self.pod_id: str | None = None
+        self.pod_name = ""
+        self.created_s = 0.0
+        self.cost_per_hr: float | None = None
+        self.gone = False  # the pod removed itself (or was never created)
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.created_s if self.pod_id else 0.0
+
+    @property
+    def cost_usd(self) -> float | None:
+        return None if self.cost_per_hr is None else self.cost_per_hr * self.elapsed_s / 3600
+
+    def report(self, state: str) -> None:
+        self.on_progress(PodProgress(self.pod_id or "-", state, self.elapsed_s, self.cost_per_hr))
+
+    def api_error(self, action: str, err: Exception) -> MoelabError:
+        return MoelabError(f"RunPod API failed to {action}: {mask_secrets(str(err), self.secret_values)}")
+
+    def create(self, spec: PodSpec) -> None:
+        self.pod_name = spec.name
+        with signals_deferred():  # a Ctrl-C mid-request would lose the id of a pod that exists
+            try:
+                created = self.runpod.create_pod(
+                    name=graphql_text(spec.name), image_name=graphql_text(spec.image), gpu_type_id=spec.gpu,
+                    cloud_type=spec.cloud, gpu_count=spec.gpu_count, container_disk_in_gb=spec.disk_gb,
+                    volume_in_gb=0, start_ssh=False, support_public_ip=False,
+                    docker_args=graphql_text(spec.start_command),
+                    env={k: graphql_text(v) for k, v in spec.env.items()})
+            except ValueError as err:  # the SDK checks the GPU id before creating
+                raise MoelabError(f"RunPod has no GPU type '{spec.gpu}' ({err}); pick an id from "
+                                  "`python -c 'import runpod; print(runpod.get_gpus())'`") from None
+            except Exception as err:
+                self.remove_half_created_pod()
+                raise self.api_error("create the pod", err) from None
+            self.pod_id = created["id"]
+            self.created_s = time.monotonic()
+        self.report("created")
+
+    def remove_half_created_pod(self) -> None:
+        """After a failed create (e.g. a timeout), the pod may exist anyway: find it by its unique name."""
+        try:
+            pods = self.runpod.get_pods()
+        except Exception:
+            raise MoelabError(f"RunPod failed while creating pod '{self.pod_name}' and cannot say whether it exists; "
+                              f"check {PODS_CONSOLE_URL} and remove it there if listed") from None
+        for found in pods:
+            if found.get("name") == self.pod_name:
+                self.pod_id = found["id"]
+
+    def wait_for_report(self, channel: "GistChannel", timeout_s: float) -> EvalReport:
+        poll_s = float(os.environ.get(POLL_ENV, DEFAULT_POLL_S))
+        ready_timeout_s = min(timeout_s, READY_TIMEOUT_S)
+        ever_ready, failures, last_state = False, 0, ""
+        while True:
+            try:
+                pod = self.runpod.get_pod(self.pod_id)
+                failures = 0
+            except Exception as err:
+                failures += 1
+                if failures >= MAX_API_FAILURES:
+                    raise self.api_error(f"report the pod's state {failures} times in a row", err) from None
+                time.sleep(poll_s)
+                continue
+            outcome = channel.poll()
+            if pod is None:  # it removed itself: after posting its report, or after a failed install
+                self.gone = True
+                outcome = outcome or channel.poll()
+                if outcome is None:
+                    raise MoelabError(f"pod {self.pod_id} stopped without sending a report (the install or the "
+                                      "eval failed on the pod); re-run with --keep-pod to read its logs at "
+                                      f"{PODS_CONSOLE_URL}")
+            else:
+                self.cost_per_hr = pod.get("costPerHr", self.cost_per_hr)
+                ever_ready = ever_ready or pod.get("runtime") is not None
+                state = {"EXITED": "exited", "TERMINATED": "terminated"}.get(
+                    pod.get("desiredStatus"), "running" if pod.get("runtime") is not None else "starting")
+                if state != last_state or outcome is None:
+                    self.report(state)
+                last_state = state
+            if isinstance(outcome, EvalReport):
+                self.report("report received")
+                return outcome
+            if isinstance(outcome, str):
+                raise MoelabError(f"the evaluation failed on pod {self.pod_id}: {outcome}")
+            if last_state in ("exited", "terminated"):
+                raise MoelabError(f"pod {self.pod_id}'s container stopped without sending a report; "
+                                  f"re-run with --keep-pod to read its logs at {PODS_CONSOLE_URL}")
+            if not ever_ready and self.elapsed_s > ready_timeout_s:
+                raise MoelabError(f"pod {self.pod_id} never became ready in {ready_timeout_s / 60:g} min (no "
+                                  "capacity for this GPU, or the image is stuck); try another --gpu or --cloud")
+            if self.elapsed_s > timeout_s:
+                raise MoelabError(f"no report from pod {self.pod_id} within --timeout-min {timeout_s / 60:g}; "
+                                  "raise --timeout-min for big models or the full suite")
+            time.sleep(poll_s)
+
+    def finish(self, keep: bool, failure: BaseException | None = None) -> None:
+        """Terminate the pod once (unless it is gone already or --keep-pod); a failure here is loud."""
+        if self.pod_id is None or self.gone:
+            if self.gone:
+                self.report("removed itself")
+            return
+        if keep:
+            self.report("kept running")
+            return
+        with signals_deferred():  # a second Ctrl-C must not stop the termination
+            try:
+                self.runpod.terminate_pod(self.pod_id)
+            except Exception as err:
+                if not self.already_gone():
+                    first = "" if failure is None else f" (after: {mask_secrets(describe(failure), self.secret_values)})"
+                    raise MoelabError(
+                        f"POD STILL RUNNING AND BILLING: pod {self.pod_id} could not be terminated "
+                        f"({mask_secrets(str(err), self.secret_values)}){first}; remove it now with "
+                        f"`runpodctl remove pod {self.pod_id}` or at {PODS_CONSOLE_URL}") from None
+            self.gone = True
+        self.report("terminated")
+
+    def already_gone(self) -> bool:
+        try:
+            return self.runpod.get_pod(self.pod_id) is None
+        except Exception:
+            return False
+
+
+def describe(failure: BaseException) -> str:
+    if isinstance(failure, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(failure, SystemExit):
+        return f"exit {failure.code}"
+    return str(failure) or type(failure).__name__
+
+
+def graphql_text(value: str) -> str:
+    """Escape a value for the SDK, which pastes strings into its GraphQL text between quotes without escaping."""
+    return json.dumps(value)[1:-1]  # GraphQL string escapes are JSON's
+
+
+# --- the report channel: a secret Gist ----------------------------------------------------------------------
+
+@dataclass
+class GistChannel:
+    gist: object  # github.Gist.Gist
+    secret_values: list[str] = field(default_factory=list)
+
+    @property
+    def gist_id(self) -> str:
+        return self.gist.id
+
+    @property
+    def html_url(self) -> str:
+        return self.gist.html_url
+
+    @classmethod
+    def create(cls, token: str, repo_id: str) -> "GistChannel":
+        from github import InputFileContent
+
+        name = repo_id.split("/")[-1]
+        placeholder = f"moelab is evaluating {repo_id} on a RunPod pod; the report lands here when it finishes.\n"
+        with github_errors("create the run's secret gist", token):
+            gist = github_client(token).get_user().create_gist(
+                public=False, files={f"{name}-Nous.md": InputFileContent(placeholder)},
+                description=f"moelab eval {repo_id} (running)")
+        return cls(gist, [token])
+
+    @classmethod
+    def open(cls, token: str, gist_id: str) -> "GistChannel":
+        with github_errors(f"open gist {gist_id}", token):
+            return cls(github_client(token).get_gist(gist_id), [token])
+
+    def poll(self) -> EvalReport | str | None:
+        """The report, the pod's error text, or None while the pod works."""
+        with github_errors("read the run's gist", *self.secret_values):
+            self.gist.update()
+            files = self.gist.files
+        if REPORT_FILE in files:
+            return EvalReport.from_dict(json.loads(files[REPORT_FILE].content))
+        if ERROR_FILE in files:
+            return files[ERROR_FILE].content.strip()
+        return None
+
+    def post_report(self, report: EvalReport, markdown: str) -> None:
+        from github import InputFileContent
+
+        with github_errors("write the report to the gist", *self.secret_values):
+            self.gist.edit(description=f"moelab eval {report.model} (Nous)", files={
+                f"{report.model.split('/')[-1]}-Nous.md": InputFileContent(markdown),
+                REPORT_FILE: InputFileContent(json.dumps(report.to_dict(), indent=2) + "\n")})
+
+    def post_error(self, text: str) -> None:
+        from github import InputFileContent
+
+        with github_errors("write the error to the gist", *self.secret_values):
+            self.gist.edit(files={ERROR_FILE: InputFileContent(text + "\n")})
+
+    def delete(self) -> None:
+        """Best effort: a run without a report leaves no placeholder gist behind."""
+        try:
+            self.gist.delete()
+        except Exception:
+            pass
+
+
+def github_client(token: str):
+    from github import Auth, Github
+
+    return Github(auth=Auth.Token(token), base_url=os.environ.get(GITHUB_API_ENV, "https://api.github.com"), retry=3)
+
+
+@contextmanager
+def github_errors(action: str, *secret_values: str) -> Iterator[None]:
+    from github import GithubException
+    from requests import RequestException
+
+    try:
+        yield
+    except GithubException as err:
+        hint = "; GITHUB_TOKEN needs the gist scope" if err.status in (401, 403, 404) else ""
+        raise MoelabError(mask_secrets(f"GitHub refused to {action} (HTTP {err.status}){hint}",
+                                       list(secret_values))) from None
+    except RequestException as err:
+        raise MoelabError(mask_secrets(f"cannot reach GitHub to {action}: {err}", list(secret_values))) from None
+
+
+# --- signals: SIGTERM unwinds like Ctrl-C, and neither may interrupt a create or a terminate -------------------
+
+@contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit(143) so that `finally` blocks (the pod's termination) run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends, then act on them (KeyboardInterrupt / exit 143)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if signal.SIGINT in received:
+        raise KeyboardInterrupt
+    if signal.SIGTERM in received:
+        raise SystemExit(128 + signal.SIGTERM)
