@@ -11,7 +11,6 @@ With base tensor b and the experts' tensors e_i (each distinct expert model once
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 from moelab.errors import MoelabError
@@ -53,22 +52,6 @@ def _trim(delta, density: float):
     return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
 
 
-@dataclass
-class DeltaNorm:
-    """Accumulates ||e - b||^2 and ||b||^2 over the shared tensors of one expert."""
-    delta_sq: float = 0.0
-    base_sq: float = 0.0
-
-    def add(self, base, expert) -> None:
-        b = base.float()
-        self.delta_sq += float((expert.float() - b).pow(2).sum())
-        self.base_sq += float(b.pow(2).sum())
-
-    @property
-    def relative(self) -> float:
-        return (self.delta_sq / self.base_sq) ** 0.5 if self.base_sq else 0.0
-
-
 class SharedWeights:
     """The MoE's non-expert tensors under a shared_weights mode, read and merged one tensor at a time."""
 
@@ -104,11 +87,13 @@ class SharedWeights:
 
     def relative_deltas(self) -> dict[str, float]:
         """Per expert: ||expert - base|| / ||base|| over the shared tensors they both have with equal shapes."""
-        norms = {}
-        for expert, tensors, _ in self.contributors:
-            norm = DeltaNorm()
-            for name in self.names:
-                if name in tensors and tensors.info(name)[0] == self.base.info(name)[0]:
-                    norm.add(self.base.get(name), tensors.get(name))
-            norms[expert] = norm.relative
-        return norms
+        delta_sq = {expert: 0.0 for expert, _, _ in self.contributors}
+        base_sq = dict(delta_sq)
+        for name in self.names:
+            base = self.base.get(name).float()
+            base_norm_sq = float(base.square().sum())
+            for expert, tensors, _ in self.contributors:
+                if name in tensors and tensors.info(name)[0] == tuple(base.shape):
+                    delta_sq[expert] += float((tensors.get(name).float() - base).square().sum())
+                    base_sq[expert] += base_norm_sq
+        return {e: (delta_sq[e] / base_sq[e]) ** 0.5 if base_sq[e] else 0.0 for e in delta_sq}
