@@ -210,7 +210,7 @@ def run_remote_eval(model: str, settings: EvalSettings, output: Path, options: R
     if push:
         publish_for_pod(model, push, secrets)
     channel = GistChannel.create(secrets.github_token, repo_id)
-    report = None
+    report, failure = None, None
     with exit_on_sigterm():
         pod = RunPodSession(secrets, on_progress)
         try:
@@ -221,23 +221,28 @@ def run_remote_eval(model: str, settings: EvalSettings, output: Path, options: R
             report.gist_id = channel.gist_id
             report.save(output)
         except BaseException as err:
+            failure = err
+            raise
+        finally:
             try:
-                pod.finish(keep=options.keep_pod, failure=err)
+                pod.finish(keep=options.keep_pod, failure=failure)
             finally:
                 if report is None:
                     channel.delete()
-            raise
-        pod.finish(keep=options.keep_pod)
     return RemoteResult(report, Path(output), pod.pod_id, pod.elapsed_s, pod.cost_usd, channel.html_url)
 
 
 def publish_for_pod(model: str, repo_id: str, secrets: Secrets) -> None:
+    """Upload the local folder as a private Hub repo; the pod downloads it with the same token."""
     try:
         from moelab.publish import publish_model
     except ImportError:
         raise MoelabError(f"--push needs `moelab publish`, which this moelab lacks; upload the folder yourself "
                           f"(huggingface-cli upload {repo_id} {model}) and pass {repo_id} as MODEL") from None
-    publish_model(Path(model), repo_id, token=secrets.hf_token)
+    from huggingface_hub import get_token
+
+    secrets.hf_token = secrets.hf_token or get_token()
+    publish_model(Path(model), repo_id, token=secrets.hf_token, private=True, show_progress=True)
 
 
 def local_recipe(model: str) -> dict | None:
@@ -314,17 +319,18 @@ class RunPodSession:
         while True:
             try:
                 pod = self.runpod.get_pod(self.pod_id)
+                outcome = channel.poll()
                 failures = 0
-            except Exception as err:
+            except Exception as err:  # a network blip is not a failed run; several in a row are
                 failures += 1
                 if failures >= MAX_API_FAILURES:
+                    if isinstance(err, MoelabError):  # from GitHub, already worded
+                        raise
                     raise self.api_error(f"report the pod's state {failures} times in a row", err) from None
                 time.sleep(poll_s)
                 continue
-            outcome = channel.poll()
-            if pod is None:  # it removed itself: after posting its report, or after a failed install
-                self.gone = True
-                outcome = outcome or channel.poll()
+            if pod is None or pod.get("desiredStatus") == "TERMINATED":
+                self.gone = True  # it removed itself: after posting its report, or after a failed install
                 if outcome is None:
                     raise MoelabError(f"pod {self.pod_id} stopped without sending a report (the install or the "
                                       "eval failed on the pod); re-run with --keep-pod to read its logs at "
@@ -332,17 +338,15 @@ class RunPodSession:
             else:
                 self.cost_per_hr = pod.get("costPerHr", self.cost_per_hr)
                 ever_ready = ever_ready or pod.get("runtime") is not None
-                state = {"EXITED": "exited", "TERMINATED": "terminated"}.get(
-                    pod.get("desiredStatus"), "running" if pod.get("runtime") is not None else "starting")
-                if state != last_state or outcome is None:
-                    self.report(state)
-                last_state = state
+                last_state = "exited" if pod.get("desiredStatus") == "EXITED" else \
+                    "running" if pod.get("runtime") is not None else "starting"
+                self.report(last_state)
             if isinstance(outcome, EvalReport):
                 self.report("report received")
                 return outcome
             if isinstance(outcome, str):
                 raise MoelabError(f"the evaluation failed on pod {self.pod_id}: {outcome}")
-            if last_state in ("exited", "terminated"):
+            if last_state == "exited":
                 raise MoelabError(f"pod {self.pod_id}'s container stopped without sending a report; "
                                   f"re-run with --keep-pod to read its logs at {PODS_CONSOLE_URL}")
             if not ever_ready and self.elapsed_s > ready_timeout_s:
