@@ -142,10 +142,10 @@ def compare_reports(moe: ScoredModel, experts: list[ScoredModel], routing=None):
     table = pd.DataFrame(rows)
 
     outcomes = table.loc[table["Level"] == "task", "Outcome"]
-    wins, losses, noise = int((outcomes == "win").sum()), int((outcomes == "loss").sum()), int(
-        outcomes.isin(["within noise", "n/a"]).sum())
+    wins, losses, noise = (int((outcomes == outcome).sum()) for outcome in ("win", "loss", "within noise"))
     limited = any(m.report.limited for m in models)
     if routing is not None:  # each expert's score and task wins beside the routing it gets
+        routing = routing.copy()
         best_counts = table.loc[table["Level"] == "task", "Best expert"].value_counts()
         routing.insert(1, "Average", [table.iloc[-1][name] for name in routing["Expert"]])
         routing.insert(2, "Best expert on (tasks)", [int(best_counts.get(name, 0)) for name in routing["Expert"]])
@@ -196,9 +196,13 @@ def _verdict(table, moe: str, wins: int, losses: int, noise: int, limit: int | N
     lead = {"win": f"{moe} beats its best single expert, {best}, by {spread} points on average",
             "loss": f"{moe} trails its best single expert, {best}, by {spread} points on average: "
                     "not worth its memory yet",
+            "n/a": f"{moe} vs its best single expert, {best}: {spread} points on average (no stderr to judge it)",
             }.get(outcome, f"{moe} is within noise of its best single expert, {best} ({spread} points on average)")
-    scope = "" if overall["Complete"] else f" over a partial suite ({wins + losses + noise} tasks)"
-    tasks = f"per task vs the best expert: {wins} wins, {losses} losses, {noise} within noise"
+    num_tasks = int((table["Level"] == "task").sum())
+    scope = "" if overall["Complete"] else f" over a partial suite ({num_tasks} task{'s' * (num_tasks != 1)})"
+    unknown = num_tasks - wins - losses - noise
+    tasks = (f"per task vs the best expert: {wins} wins, {losses} losses, {noise} within noise"
+             + (f", {unknown} without stderr" if unknown else ""))
     caveat = f"; limited run (--limit {limit}), indicative only" if limit is not None else ""
     return f"{lead}{scope}; {tasks}{caveat}."
 
@@ -222,9 +226,13 @@ def experts_of_model(model_dir: Path) -> list[tuple[str, str]]:
 def report_path_for(model_ref: str, reports_dir: Path, moe_name: str, expert_name: str) -> Path:
     """Where --run-missing writes an expert's report: reports/<model-name>/nous.json for a model folder or Hub id;
     an expert built from a derived source (GGUF, pkg:, MODEL+LORA) is named after the MoE and the expert."""
-    derived = model_ref.startswith("pkg:") or "+" in model_ref or model_ref.endswith(".gguf")
-    name = f"{moe_name}.{expert_name}" if derived else Path(model_ref.rstrip("/")).name
+    name = f"{moe_name}.{expert_name}" if _is_derived(model_ref) else Path(model_ref.rstrip("/")).name
     return Path(reports_dir) / name / REPORT_FILE
+
+
+def _is_derived(model_ref: str) -> bool:
+    """A source that build turns into a model folder first (GGUF, pkg:, MODEL+LORA); eval needs that folder."""
+    return model_ref.startswith("pkg:") or "+" in model_ref or model_ref.endswith(".gguf")
 
 
 def _same_model(report: EvalReport, model_ref: str) -> bool:
@@ -280,15 +288,14 @@ def evaluate_missing_experts(found: FolderReports, data_dir: Path | None, device
     from moelab.eval import run_eval
 
     settings = replace(found.moe.report.settings, device=device, batch_size="auto")
-    experts = list(found.experts)
+    scored = {e.name: e for e in found.experts}
+    by_source: dict[str, ScoredModel] = {}  # experts that share a source model are evaluated once
     for name, source, output in found.missing:
-        # eval takes a folder or Hub id; GGUF, pkg: and MODEL+LORA sources become a cached folder first.
-        derived = source.startswith("pkg:") or "+" in source or source.endswith(".gguf")
-        model = str(resolve_model(source)) if derived else source
-        report = run_eval(model, settings, data_dir, output)
-        experts.append(ScoredModel(name, report, str(output)))
-    order = [name for name, _ in experts_of_model(found.model_dir)]
-    experts.sort(key=lambda e: order.index(e.name))
+        if source not in by_source:
+            model = str(resolve_model(source)) if _is_derived(source) else source
+            by_source[source] = ScoredModel(name, run_eval(model, settings, data_dir, output), str(output))
+        scored[name] = replace(by_source[source], name=name)
+    experts = [scored[name] for name, _ in experts_of_model(found.model_dir)]
     return FolderReports(found.model_dir, found.moe, experts, [])
 
 

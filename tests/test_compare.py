@@ -116,8 +116,10 @@ def test_missing_stderr_and_other_dtype():
     assert comparison.tasks["Outcome"].tolist() == ["win", "loss", "n/a", "within noise"]
     assert comparison.groups["Outcome"].tolist() == ["within noise", "within noise", "n/a"]
     assert math.isnan(comparison.groups.set_index("Name").loc["Bigbench", "math ±"])
-    assert (comparison.wins, comparison.losses, comparison.within_noise) == (1, 1, 2)
-    assert "math (-1.00 points on average)" in comparison.verdict
+    assert (comparison.wins, comparison.losses, comparison.within_noise) == (1, 1, 1)
+    assert comparison.verdict == ("moe vs its best single expert, math: -1.00 points on average (no stderr to "
+                                  "judge it) over a partial suite (4 tasks); per task vs the best expert: 1 wins, 1 losses, "
+                                  "1 within noise, 1 without stderr.")
     assert comparison.warnings == ["dtype differs: moe auto, code bfloat16"]
     assert "Warning: dtype differs: moe auto, code bfloat16." in comparison_markdown(comparison)
 
@@ -205,17 +207,33 @@ def test_cli_writes_files_and_errors_in_one_line(tmp_path):
     assert "--limit None vs 5" in bad.stderr
 
 
+def make_lora_adapter(base: Path, out: Path) -> Path:
+    """A random (non-zero) LoRA adapter on q/v projections of `base`, saved with peft."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "bigbench").is_dir(), reason="needs ../shared/data/bigbench")
-def test_real_eval_of_a_tiny_moe_and_its_experts(tmp_path, tiny_dense, tiny_tokenizer_dir):
-    """eval the MoE for real, then compare MODEL_DIR --run-missing evaluates both experts with its settings."""
+def test_real_eval_of_a_tiny_moe_and_its_experts(tmp_path, tiny_dense, monkeypatch):
+    """eval the MoE for real; compare MODEL_DIR --run-missing then evaluates both experts with its settings (one a
+    MODEL+LORA source, evaluated on its merged folder) and routes labelled prompts through the MoE."""
     from moelab.build import BuildOptions, build_moe
     from moelab.eval import run_eval
     from moelab.recipe import parse_recipe
 
-    math_model, code_model = tiny_dense("math", seed=1), tiny_dense("code-model", seed=2)
+    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path / "cache"))
+    math_model = tiny_dense("math", seed=1)
+    code_source = f"{math_model}+{make_lora_adapter(math_model, tmp_path / 'code-lora')}"
     text = yaml.safe_dump({"base_model": str(math_model), "gate_mode": "random", "experts_per_token": 1,
                            "experts": [{"name": "math", "source_model": str(math_model)},
-                                       {"name": "code", "source_model": str(code_model)}]}, sort_keys=False)
+                                       {"name": "code", "source_model": code_source}]}, sort_keys=False)
     model_dir = tmp_path / "tiny-moe"
     build_moe(parse_recipe(text, "recipe.yaml"), text, model_dir, BuildOptions(show_progress=False),
               recipe_dir=tmp_path)
@@ -229,13 +247,19 @@ def test_real_eval_of_a_tiny_moe_and_its_experts(tmp_path, tiny_dense, tiny_toke
     comparison = compare_inputs([model_dir], reports, run_missing=True, data_dir=SHARED_DATA, device="cpu",
                                 probe=prompts)
 
-    expert_reports = {name: EvalReport.load(reports / name / "nous.json") for name in ("math", "code-model")}
-    assert {r.model for r in expert_reports.values()} == {str(math_model), str(code_model)}
+    assert sorted(p.name for p in reports.iterdir()) == ["math", "tiny-moe", "tiny-moe.code"]
+    expert_reports = {name: EvalReport.load(reports / folder / "nous.json")
+                      for name, folder in [("math", "math"), ("code", "tiny-moe.code")]}
+    assert expert_reports["math"].model == str(math_model)
+    assert Path(expert_reports["code"].model).parent == tmp_path / "cache" / "lora"  # the merged folder
     assert all(r.settings.limit == 4 and [t.n for t in r.results] == [4, 4] for r in expert_reports.values())
     assert comparison.experts == ["math", "code"] and comparison.limited
-    for column, report in [("math", expert_reports["math"]), ("code", expert_reports["code-model"])]:
-        assert comparison.tasks[column].tolist() == [round(r.value * 100, 2) for r in report.results]
+    for name, report in expert_reports.items():
+        assert comparison.tasks[name].tolist() == [round(r.value * 100, 2) for r in report.results]
     assert comparison.verdict.endswith("limited run (--limit 4), indicative only.")
     routing = comparison.routing.set_index("Expert")
     assert routing["Share of all tokens"].sum() == pytest.approx(100, abs=0.02)
     assert all(0 <= v <= 100 for v in routing["Domain tokens routed to it"])
+
+    # A second compare finds the derived expert's report where --run-missing put it, and evaluates nothing.
+    pd.testing.assert_frame_equal(compare_inputs([model_dir], reports).table, comparison.table)
