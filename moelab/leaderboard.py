@@ -19,6 +19,8 @@ GITHUB_API_URL = "https://api.github.com"
 COLUMNS = ["Model", *GROUPS, "Average"]
 # What AutoEval writes in place of a group score when that group's result file is missing.
 AUTOEVAL_MISSING_GROUP = "Error: File does not exist"
+# How moelab's own gists (eval.report.report_markdown) flag a --limit run.
+MOELAB_LIMITED_MARK = "**Limited run**"
 GIST_ID = re.compile(r"[0-9a-f]{20}|[0-9a-f]{32}")
 GIST_URL = re.compile(r"https?://gist\.github(?:usercontent)?\.com/(?:[\w.-]+/)?([0-9a-f]{20}|[0-9a-f]{32})\b")
 MARKDOWN_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
@@ -41,7 +43,7 @@ class LeaderboardEntry:
 
 
 def parse_autoeval_gist(text: str, source: str) -> LeaderboardEntry:
-    """Read the summary table (the first table) of a Gist in AutoEval's Nous layout.
+    """Read the summary table (the first table) of a Gist in AutoEval's Nous layout (moelab's own gists included).
 
     Columns are found by their header names, so a gist whose Average column is missing (AutoEval drops it when a
     group failed) still reads; a group shown as AutoEval's "Error: File does not exist" is left out.
@@ -66,7 +68,8 @@ def parse_autoeval_gist(text: str, source: str) -> LeaderboardEntry:
     name, url = (link.group(1), link.group(2)) if link else (cells["Model"], None)
     scores = {g: value for g in GROUPS if (value := _gist_number(cells[g], g, source)) is not None}
     average = _gist_number(cells["Average"], "Average", source) if "Average" in cells else None
-    return LeaderboardEntry(model=name, scores=scores, average=average, model_url=url, source=source)
+    return LeaderboardEntry(model=name, scores=scores, average=average, model_url=url, source=source,
+                            limited=MOELAB_LIMITED_MARK in text)
 
 
 def _cells(line: str) -> list[str]:

@@ -15,7 +15,8 @@ import pytest
 from fakes.github import FakeGitHub
 
 from moelab.errors import MoelabError
-from moelab.eval.report import EvalReport, EvalSettings, TaskResult, group_scores, overall_average
+from moelab.eval.report import (EvalReport, EvalSettings, TaskResult, group_scores, overall_average,
+                                report_markdown)
 from moelab.eval.suite import NOUS_TASKS
 from moelab.leaderboard import (collect_entries, gist_id_of, leaderboard_markdown, leaderboard_table,
                                 parse_autoeval_gist, write_leaderboard)
@@ -55,6 +56,15 @@ def test_gist_with_a_failed_group_keeps_the_groups_that_ran():
     assert entry.model == "SmolLM2-MoE-2x135M"
     assert entry.scores == {"AGIEval": 26.07, "GPT4All": 43.4, "TruthfulQA": 40.51}
     assert entry.average is None
+
+
+@pytest.mark.parametrize("limit", [None, 5])
+def test_moelab_gists_read_back_with_their_scores(limit):
+    report = make_report("moe-full", 0.4567, limit=limit, skip_group="TruthfulQA" if limit else None,
+                         model="org/moe-full")
+    entry = parse_autoeval_gist(report_markdown(report), "gist")
+    assert (entry.model, entry.model_url) == ("moe-full", "https://huggingface.co/org/moe-full")
+    assert (entry.scores, entry.average, entry.limited) == (report.groups, report.average, limit is not None)
 
 
 @pytest.mark.parametrize("fixture, message", [
