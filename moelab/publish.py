@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -54,7 +54,6 @@ class GistUpload:
     content: str
     public: bool
     gist_id: str | None  # the report's Gist, updated instead of creating a new one
-    files_to_remove: list[str] = field(default_factory=list)
 
 
 # --- model to the Hub ------------------------------------------------------------------------------------------
@@ -108,12 +107,17 @@ def publish_model(model_dir: Path, repo: str, token: str | None, private: bool =
 
     from huggingface_hub import CommitOperationAdd, HfApi
 
+    # HF_ENDPOINT is read now, not when huggingface_hub was imported, so that it can be set at any time.
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
     try:
         upload.repo_url = str(api.create_repo(repo, private=private, exist_ok=True))
+        repo_is_private = api.model_info(repo).private
         remote = {f.path: f for f in api.list_repo_tree(repo, recursive=True) if hasattr(f, "blob_id")}
     except Exception as err:
         raise _hub_error(err, repo, "nothing was uploaded") from None
+    if private and not repo_is_private:
+        raise MoelabError(f"{repo} already exists and is public, and --private only applies to a new repo; make it "
+                          "private in its settings on the Hub or choose another --repo; nothing was uploaded")
     for file in upload.files:
         file.status = _compare(file, upload.card, remote.get(file.path_in_repo))
     changed = [f for f in upload.files if f.status != "unchanged"]
@@ -283,20 +287,24 @@ def _load_report(report: Any):
 
 # --- report to a Gist ------------------------------------------------------------------------------------------
 
-def plan_gist(report_path: Path, public: bool = False) -> GistUpload:
-    """The Gist for a report: AutoEval's `<model>-Nous.md` markdown; the report's gist_id says which to update."""
+def plan_gist(report_path: Path, public: bool = False, repo_id: str | None = None) -> GistUpload:
+    """The Gist for a report: AutoEval's `<model>-Nous.md` markdown; the report's gist_id says which to update.
+
+    `repo_id`: the Hub repo the model cell links to (leaderboards need that link), when the report names a folder.
+    """
     from moelab.eval.report import report_markdown
 
     report = _load_report(Path(report_path))
     return GistUpload(filename=f"{report.model_name}-Nous.md",
                       description=f"{report.model_name}: Nous suite scores (moelab eval, LLM AutoEval layout)",
-                      content=report_markdown(report), public=public, gist_id=report.gist_id)
+                      content=report_markdown(report, repo_id), public=public, gist_id=report.gist_id)
 
 
-def publish_gist(report_path: Path, token: str | None, public: bool = False, base_url: str | None = None) -> str:
+def publish_gist(report_path: Path, token: str | None, public: bool = False, base_url: str | None = None,
+                 repo_id: str | None = None) -> str:
     """Post the report's markdown as a Gist, or update the Gist it was posted to before; returns the Gist id
     and records it in the report JSON. The token comes from the argument or GITHUB_TOKEN (gist scope)."""
-    plan = plan_gist(report_path, public)
+    plan = plan_gist(report_path, public, repo_id)
     token = token or os.environ.get("GITHUB_TOKEN")
     if not token:
         raise MoelabError("no GitHub token: pass --token or set GITHUB_TOKEN (a token with the gist scope, from "

@@ -57,10 +57,10 @@ def gh(monkeypatch):
         yield fake
 
 
-def write_report(path: Path, value: float = 0.5) -> Path:
+def write_report(path: Path, value: float = 0.5, model: str = REPO) -> Path:
     results = [TaskResult(t.name, t.group, t.metric, value, 0.01, 100, "1", 0) for t in NOUS_TASKS]
     groups = group_scores(results)
-    EvalReport(model=REPO, model_name="tiny-moe", settings=EvalSettings(), results=results, groups=groups,
+    EvalReport(model=model, model_name="tiny-moe", settings=EvalSettings(), results=results, groups=groups,
                average=overall_average(groups), versions={"lm_eval": "0.4.13"}, wall_time_s=61.0,
                date="2026-11-23T12:00:00+00:00").save(path)
     return path
@@ -126,6 +126,15 @@ def test_private_repo_is_created_private(hub, moe_dir):
     publish_model(moe_dir, REPO, HF_TOKEN, private=True)
 
     assert hub.repos[REPO]["private"] is True
+
+
+def test_private_is_refused_for_an_existing_public_repo(hub, moe_dir, tmp_path):
+    publish_model(moe_dir, REPO, HF_TOKEN)
+    commits = len(hub.repos[REPO]["commits"])
+
+    with pytest.raises(MoelabError, match="already exists and is public.*nothing was uploaded"):
+        publish_model(moe_dir, REPO, HF_TOKEN, private=True, report=write_report(tmp_path / "nous.json"))
+    assert len(hub.repos[REPO]["commits"]) == commits
 
 
 def test_dry_run_lists_every_file_and_the_card_without_network_or_token(hub, moe_dir):
@@ -230,6 +239,15 @@ def test_gist_is_created_then_updated_in_place_and_its_id_kept_in_the_report(gh,
     assert publish_gist(report, GH_TOKEN, base_url=gh.base_url) == gist_id
     assert [m for m, _, _ in gh.requests if m in ("POST", "PATCH")] == writes  # unchanged: nothing written
     assert_no_secret_sent(gh, GH_TOKEN)
+
+
+def test_the_gist_of_a_local_model_links_to_the_repo_it_was_published_to(gh, tmp_path):
+    report = write_report(tmp_path / "nous.json", model=str(tmp_path))
+
+    gist_id = publish_gist(report, GH_TOKEN, base_url=gh.base_url, repo_id=REPO)
+
+    summary_row = gh.gists[gist_id]["files"]["tiny-moe-Nous.md"]["content"].splitlines()[2]
+    assert summary_row.startswith(f"|[tiny-moe](https://huggingface.co/{REPO})|")
 
 
 def test_a_public_gist_and_a_visibility_github_cannot_change(gh, tmp_path):
