@@ -80,9 +80,9 @@ def plan_model_upload(model_dir: Path, repo: str, private: bool = False, report:
     eval_report = _load_report(report)
     card = model_card(recipe, recipe_text, meta["architecture"], notes, shared_deltas, report=eval_report,
                       repo_id=repo)
+    paths = [p for p in sorted(model_dir.rglob("*")) if p.is_file() and not _is_hidden(p.relative_to(model_dir))]
     files = [LocalFile(p.relative_to(model_dir).as_posix(), p.stat().st_size, p)
-             for p in sorted(model_dir.rglob("*"))
-             if p.is_file() and not _is_hidden(p.relative_to(model_dir)) and p.relative_to(model_dir) != Path("README.md")]
+             for p in paths if p != model_dir / "README.md"]
     files.append(LocalFile("README.md", len(card.encode()), None))
     title = recipe.name or repo.split("/")[1]
     message = (f"moelab publish: {title}, a {meta['architecture']} MoE of {len(recipe.experts)} experts "

@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 
 @dataclass
 class Request:
-    """What arrived: the method, the path without the query, the parsed query, the headers (lower-case names), the body."""
+    """What arrived: method, path (without the query), parsed query, headers (lower-case names) and body."""
     method: str
     path: str
     query: dict[str, list[str]]
@@ -103,7 +103,8 @@ class LoopbackServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 parts = urlsplit(self.path)
-                request = Request(self.command, parts.path, parse_qs(parts.query), {k.lower(): v for k, v in self.headers.items()}, body)
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                request = Request(self.command, parts.path, parse_qs(parts.query), headers, body)
                 response = fake._respond(request)
                 self.send_response(response.status)
                 for key, value in (response.headers or {}).items():
