@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from moelab.errors import MoelabError
+from moelab.eval.remote import DEFAULT_GPU, DEFAULT_IMAGE, DEFAULT_INSTALL  # light: defaults for --help
 
 app = typer.Typer(
     help="Build Mixture-of-Experts models from dense fine-tunes, then probe, evaluate, compare and publish them.",
@@ -51,7 +52,7 @@ def build(
     console.print(f"[green]built[/green] {result.architecture} with {result.num_experts} experts "
                   f"({result.total_bytes / 1e9:.2f} GB in {result.num_shards} shard(s)) at {out}")
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
 
 
 @app.command()
@@ -71,6 +72,236 @@ def demo(
         result = build_moe(parsed, text, out, BuildOptions(device=device, force=True), recipe_dir=recipe_path.parent)
         console.print(f"[green]built[/green] {result.architecture} with {result.num_experts} experts at {out}")
     console.print(f"next: moelab chat {out} --prompt 'What is 12, then times 3?'")
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help="MoE model folder (e.g. from moelab build) or Hub repo id."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Answer this and exit (repeat for more turns)."),
+    max_new_tokens: int = typer.Option(256, help="Longest answer, in tokens."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature; 0 for greedy."),
+    top_p: float = typer.Option(0.9, help="Nucleus sampling threshold."),
+    seed: int = typer.Option(0, help="Seed, set before every answer."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    dtype: str = typer.Option("auto", help="auto (as stored), bfloat16, float16 or float32."),
+    trace: Optional[Path] = typer.Option(None, help="Write every turn's routing (token, layer, top-k ids, weights)."),
+    heatmap: Optional[Path] = typer.Option(None, help="Write a PNG of the latest turn's routing."),
+    probe: Optional[Path] = typer.Option(None, help="Route labelled prompts (YAML/JSONL of expert, text); no chat."),
+    json_output: bool = typer.Option(False, "--json", help="With --probe: print the result as JSON."),
+):
+    """Chat with MODEL and see which expert the router sends each token to; or --probe labelled prompts."""
+    import json
+
+    from rich.console import Console as StdoutConsole
+
+    from moelab.chat import ChatSession, GenerationSettings, probe_view, run_chat
+    from moelab.probe import load_labelled_prompts, load_moe, probe_routing
+
+    if probe is not None and (prompt or trace or heatmap):
+        raise MoelabError("--probe routes labelled prompts without chatting; drop --prompt, --trace and --heatmap")
+    if json_output and probe is None:
+        raise MoelabError("--json prints a --probe result; add --probe FILE or drop --json")
+    moe = load_moe(model, device, dtype)
+    console.print(f"{model}: {len(moe.expert_names)} experts ({', '.join(moe.expert_names)}) "
+                  f"in {len(moe.layers)} MoE layers", highlight=False)
+    out = StdoutConsole()
+    if probe is not None:
+        result = probe_routing(moe, load_labelled_prompts(probe, moe.expert_names), show_progress=not json_output)
+        if json_output:
+            print(json.dumps(result.to_json(), indent=1))
+        else:
+            out.print(probe_view(result))
+        return
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    run_chat(ChatSession(moe, settings), prompt or [], out, trace, heatmap, model)
+
+
+@app.command()
+def compare(
+    inputs: list[Path] = typer.Argument(..., help="MOE_REPORT EXPERT_REPORT... (JSON from moelab eval), or one "
+                                                   "MODEL_DIR built by moelab build."),
+    reports_dir: Path = typer.Option(Path("reports"), help="MODEL_DIR mode: where the reports are "
+                                                           "(reports/<model-name>/nous.json)."),
+    run_missing: bool = typer.Option(False, "--run-missing", help="MODEL_DIR mode: evaluate experts without a "
+                                                                  "report, with the MoE report's settings."),
+    data_dir: Optional[Path] = typer.Option(None, help="With --run-missing: local task data, as for moelab eval."),
+    device: str = typer.Option("auto", help="With --run-missing: cpu, cuda or auto."),
+    probe: Optional[Path] = typer.Option(None, help="Routing shares: the JSON of `moelab chat MODEL --probe PROMPTS "
+                                                    "--json`, or (MODEL_DIR mode) the PROMPTS file itself."),
+    out: Optional[Path] = typer.Option(None, help="Folder for compare.md, compare.csv and compare.png "
+                                                  "(default: REPORTS_DIR/<moe-name>/compare)."),
+):
+    """Is the MoE better than its experts? Scores per task and group, deltas with significance, a verdict."""
+    from moelab.compare import compare_inputs, comparison_view, write_comparison
+
+    comparison = compare_inputs(inputs, reports_dir, run_missing, data_dir, device, probe)
+    written = write_comparison(comparison, out or reports_dir / comparison.moe / "compare")
+    Console().print(comparison_view(comparison))
+    console.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
+
+
+@app.command()
+def leaderboard(
+    sources: Optional[list[str]] = typer.Argument(None, help="Eval reports (.json), AutoEval gists (MODEL-Nous.md), "
+                                                             "folders of them, or Gist ids/URLs (default: reports)."),
+    out: Path = typer.Option(Path("reports/leaderboard"), help="Folder for leaderboard .md, .csv, .html and .png."),
+    github_token: Optional[str] = typer.Option(None, help="Token for private Gists (default: $GITHUB_TOKEN).",
+                                               show_default=False),
+    github_api_url: Optional[str] = typer.Option(None, help="GitHub API base URL, for GitHub Enterprise "
+                                                            "(default: https://api.github.com)."),
+):
+    """Rank models by their Nous scores (AGIEval, GPT4All, TruthfulQA, Bigbench, Average)."""
+    from moelab.leaderboard import collect_entries, leaderboard_table, leaderboard_view, write_leaderboard
+
+    entries = collect_entries(sources or ["reports"], github_token or os.environ.get("GITHUB_TOKEN"), github_api_url)
+    table = leaderboard_table(entries)
+    written = write_leaderboard(table, out)
+    Console().print(leaderboard_view(table))
+    console.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Argument(..., help="Model folder (e.g. from moelab build) or Hub repo id."),
+    tasks: str = typer.Option("all", help="Comma list of groups (AGIEval, GPT4All, TruthfulQA, Bigbench) and/or "
+                                          "tasks (e.g. bigbench_navigate,truthfulqa_mc)."),
+    limit: Optional[int] = typer.Option(None, help="At most N examples per task (a smoke test; marked as limited)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Offline task data: bigbench/<task>.jsonl, agieval/, "
+                                                       "gpt4all/, truthfulqa/ [default: download from the Hub]."),
+    output: Optional[Path] = typer.Option(None, help="Report JSON [default: reports/<model-name>/nous.json]."),
+    backend: str = typer.Option("hf", help="lm-eval backend: hf, or vllm (GPU, when installed)."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option("auto", help="auto (float16 on GPU as AutoEval, float32 on CPU), bfloat16, float16 "
+                                           "or float32."),
+    batch_size: str = typer.Option("auto", help="Batch size, or auto (probed on GPU; 8 on CPU)."),
+    max_length: Optional[int] = typer.Option(None, help="Longest context in tokens [default: the model's]."),
+    remote: Optional[str] = typer.Option(None, help="Run on a rented GPU pod instead: runpod (needs RUNPOD_API_KEY "
+                                                    "and GITHUB_TOKEN with gist scope; the pod is always removed).",
+                                         rich_help_panel="Remote"),
+    gpu: str = typer.Option(DEFAULT_GPU, help="RunPod GPU type id.", rich_help_panel="Remote"),
+    gpu_count: int = typer.Option(1, help="GPUs on the pod.", rich_help_panel="Remote"),
+    cloud: str = typer.Option("secure", help="RunPod cloud: secure or community.", rich_help_panel="Remote"),
+    image: str = typer.Option(DEFAULT_IMAGE, help="Pod container image.", rich_help_panel="Remote"),
+    disk_gb: int = typer.Option(100, help="Pod container disk in GB (holds the model).", rich_help_panel="Remote"),
+    timeout_min: float = typer.Option(240.0, help="Give up (and remove the pod) after this many minutes.",
+                                      rich_help_panel="Remote"),
+    install: str = typer.Option(DEFAULT_INSTALL, help="pip spec the pod installs moelab from.",
+                                rich_help_panel="Remote"),
+    keep_pod: bool = typer.Option(False, "--keep-pod", help="Debugging only: leave the pod running (and billing).",
+                                  rich_help_panel="Remote"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the pod specification (secrets masked); create "
+                                                          "nothing.", rich_help_panel="Remote"),
+    push: Optional[str] = typer.Option(None, help="Upload the local MODEL folder to this Hub repo first (HF_TOKEN), "
+                                                  "so the pod can download it.", rich_help_panel="Remote"),
+    runpod_api_key: Optional[str] = typer.Option(None, help="RunPod API key (default: $RUNPOD_API_KEY).",
+                                                 show_default=False, rich_help_panel="Remote"),
+):
+    """Evaluate MODEL on the Nous suite (AutoEval's tasks and scoring) through lm-eval; resumes an interrupted run."""
+    from rich.console import Console as StdoutConsole
+
+    from moelab.eval import EvalSettings, run_eval
+    from moelab.eval.local import default_report_path
+    from moelab.eval.report import report_view
+
+    settings = EvalSettings(tasks=tasks.split(","), limit=limit, backend=backend, device=device, dtype=dtype,
+                            batch_size=batch_size, max_length=max_length)
+    report_path = output or default_report_path(push or model)
+    if remote is not None:
+        from moelab.eval.remote import RemoteOptions
+
+        options = RemoteOptions(gpu, gpu_count, cloud, image, disk_gb, timeout_min, install, keep_pod)
+        eval_on_pod(remote, model, settings, data_dir, report_path, options, push, runpod_api_key, dry_run)
+        return
+    report = run_eval(model, settings, data_dir, report_path)
+    StdoutConsole().print(report_view(report))
+    console.print(f"wrote {report_path}", highlight=False)
+
+
+def eval_on_pod(remote: str, model: str, settings, data_dir: Optional[Path], report_path: Path, options, push,
+                runpod_api_key: Optional[str], dry_run: bool) -> None:
+    """`moelab eval --remote runpod`: print the pod's progress, then the report as a local run does."""
+    from rich.console import Console as StdoutConsole
+
+    from moelab.eval.remote import Secrets, planned_pod, pod_spec_view, progress_line, run_remote_eval
+    from moelab.eval.report import report_view
+
+    if remote != "runpod":
+        raise MoelabError(f"--remote {remote} is not supported; use --remote runpod")
+    if data_dir is not None:
+        raise MoelabError("--data-dir is a folder on this machine, which the pod cannot read; drop it with --remote "
+                          "(the pod downloads the task data from the Hub)")
+    secrets = Secrets.from_env(runpod_api_key)
+    if dry_run:
+        StdoutConsole().print(pod_spec_view(planned_pod(model, settings, options, secrets, push)))
+        return
+    if options.keep_pod:
+        console.print("[bold yellow]WARNING --keep-pod: the pod keeps running and billing after the eval; remove it "
+                      "yourself (runpodctl remove pod ID)[/bold yellow]")
+    with console.status("creating the pod") as status:
+        shown_states = []
+
+        def show(progress) -> None:
+            if progress.state not in shown_states[-1:]:
+                console.print(progress_line(progress), highlight=False)
+                shown_states.append(progress.state)
+            status.update(progress_line(progress))
+
+        result = run_remote_eval(model, settings, report_path, options, secrets, push, on_progress=show)
+    StdoutConsole().print(report_view(result.report))
+    cost = "" if result.cost_usd is None else f" for about ${result.cost_usd:.2f}"
+    console.print(f"wrote {report_path} (gist {result.gist_url}); pod {result.pod_id} ran "
+                  f"{result.elapsed_s / 60:.1f} min{cost}", highlight=False)
+
+
+@app.command()
+def publish(
+    model_dir: Optional[Path] = typer.Argument(None, help="Model folder written by moelab build."),
+    repo: Optional[str] = typer.Option(None, help="Hub repo to upload MODEL_DIR to, as user/name (created if "
+                                                  "missing); with --gist, the repo the Gist links to."),
+    private: bool = typer.Option(False, "--private", help="Create the Hub repo private."),
+    report: Optional[Path] = typer.Option(None, help="Eval report JSON whose scores go into the model card."),
+    gist: Optional[Path] = typer.Option(None, help="Instead: post this eval report as a Gist (AutoEval layout); "
+                                                   "a re-run updates the same Gist."),
+    public: bool = typer.Option(False, "--public", help="With --gist: a public Gist (default: secret)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show every file and the card or Gist text; send nothing."),
+    token: Optional[str] = typer.Option(None, help="Hub token (default: $HF_TOKEN), or GitHub token with --gist "
+                                                   "(default: $GITHUB_TOKEN).", show_default=False),
+    github_api_url: Optional[str] = typer.Option(None, help="With --gist: GitHub API base URL, for GitHub "
+                                                            "Enterprise (default: $GITHUB_API_URL or "
+                                                            "https://api.github.com)."),
+):
+    """Upload MODEL_DIR to the Hub with a regenerated card (--repo), or post an eval report as a Gist (--gist)."""
+    from rich.console import Console as StdoutConsole
+
+    from moelab.publish import plan_gist, publish_gist, publish_model, upload_view
+
+    out = StdoutConsole()
+    if (model_dir is None) == (gist is None):
+        raise MoelabError("give either MODEL_DIR --repo user/name, or --gist REPORT")
+    if gist is not None:
+        if dry_run:
+            plan = plan_gist(gist, public, repo)
+            action = (f"update Gist {plan.gist_id}" if plan.gist_id
+                      else f"create a {'public' if public else 'secret'} Gist")
+            console.print(f"dry run: would {action} with {plan.filename} ({len(plan.content)} characters):",
+                          highlight=False)
+            out.print(plan.content, markup=False, highlight=False)
+            return
+        gist_id = publish_gist(gist, token, public, github_api_url, repo)
+        console.print(f"[green]published[/green] https://gist.github.com/{gist_id} (id saved in {gist})",
+                      highlight=False)
+        return
+    if repo is None:
+        raise MoelabError("--repo user/name is needed to publish a model folder")
+    upload = publish_model(model_dir, repo, token, private, report, dry_run, show_progress=True)
+    out.print(upload_view(upload))
+    if dry_run:
+        out.print(upload.card, markup=False, highlight=False)
+    elif upload.commit_url is None:
+        console.print(f"[green]up to date[/green]: {repo} already holds every file", highlight=False)
+    else:
+        console.print(f"[green]published[/green] {len(upload.uploaded)} file(s) to {upload.repo_url} "
+                      f"({len(upload.unchanged)} unchanged): {upload.commit_url}", highlight=False)
 
 
 def parse_size(text: str) -> int:
