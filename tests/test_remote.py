@@ -126,6 +126,15 @@ def test_an_api_error_on_create_leaves_no_pod_and_no_gist(tmp_path, cli_env, run
     assert_no_secrets(result.stdout, result.stderr, files_under=tmp_path)
 
 
+def test_a_pod_created_behind_a_lost_answer_is_found_by_name_and_terminated(tmp_path, cli_env, runpod_api):
+    runpod_api.lose_create_response = True
+    result = run_cli(remote_eval_args(), cli_env, tmp_path)
+
+    assert result.returncode == 2
+    assert "RunPod API failed to create the pod" in result.stderr
+    assert_terminated_once_by_us(runpod_api)
+
+
 @pytest.mark.parametrize("fault, message", [
     ("never ready", "never became ready in 0.02 min"),
     ("no report", "no report from pod fakepod0001 within --timeout-min 0.02"),
@@ -160,7 +169,7 @@ def test_a_failed_termination_is_loud_with_the_pod_id_and_the_removal_command(tm
     err = " ".join(result.stderr.split())
     assert "POD STILL RUNNING AND BILLING: pod fakepod0001 could not be terminated" in err
     assert "`runpodctl remove pod fakepod0001`" in err and "console.runpod.io/pods" in err
-    assert "never became ready" in err  # what went wrong first is still said
+    assert "Before that, the run had failed: pod fakepod0001 never became ready" in err
     assert not the_pod(runpod_api).terminated
     assert_no_secrets(result.stdout, result.stderr)
 
@@ -192,6 +201,22 @@ def test_a_signal_to_the_local_process_terminates_the_pod(signum, exit_code, tmp
     assert "pod fakepod0001: running" in err and "pod fakepod0001: terminated" in " ".join(err.split())
     assert_terminated_once_by_us(runpod_api)
     assert_no_secrets(out, err)
+
+
+def test_ctrl_c_while_the_create_request_is_in_flight_still_terminates_the_pod(tmp_path, cli_env, runpod_api):
+    runpod_api.delay_s = 1.0  # a slow API: gpuTypes, then podFindAndDeployOnDemand, each take a second
+    process = subprocess.Popen(remote_eval_args(), env=cli_env, cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, preexec_fn=restore_default_sigint)
+    try:
+        runpod_api.wait_for(lambda: runpod_api.received >= 2)  # the create request has arrived, not yet answered
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+
+    assert process.returncode == 130
+    assert "pod fakepod0001: terminated" in err
+    assert_terminated_once_by_us(runpod_api)
 
 
 # --- the full round trip: push, the pod evaluates and posts to the gist, the report comes back ------------------

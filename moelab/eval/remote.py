@@ -107,7 +107,7 @@ class PodSpec:
 @dataclass
 class PodProgress:
     pod_id: str
-    state: str  # created, starting, running, report received, terminated, removed itself, kept running
+    state: str  # created, starting, running, exited, report received, terminated, removed itself, kept running
     elapsed_s: float
     cost_per_hr: float | None
 
@@ -119,7 +119,6 @@ class PodProgress:
 @dataclass
 class RemoteResult:
     report: EvalReport
-    output: Path
     pod_id: str
     elapsed_s: float
     cost_usd: float | None
@@ -166,7 +165,7 @@ def pod_spec(repo_id: str, settings: EvalSettings, options: RemoteOptions, secre
         raise MoelabError(f"--cloud {options.cloud} is not one of {', '.join(CLOUDS)}")
     if options.gpu_count < 1 or options.disk_gb < 10 or options.timeout_min <= 0:
         raise MoelabError("--gpu-count must be >= 1, --disk-gb >= 10 and --timeout-min > 0")
-    if any(c in options.install for c in "'\n"):
+    if any(c in options.install for c in "'\"\n"):
         raise MoelabError(f"--install '{options.install}' may not contain quotes or newlines; give a pip spec")
     env = {POD_ENV_MODEL: repo_id, POD_ENV_SETTINGS: json.dumps(asdict(settings)), POD_ENV_GIST: gist_id,
            "GITHUB_TOKEN": secrets.github_token or ""}
@@ -229,7 +228,7 @@ def run_remote_eval(model: str, settings: EvalSettings, output: Path, options: R
             finally:
                 if report is None:
                     channel.delete()
-    return RemoteResult(report, Path(output), pod.pod_id, pod.elapsed_s, pod.cost_usd, channel.html_url)
+    return RemoteResult(report, pod.pod_id, pod.elapsed_s, pod.cost_usd, channel.html_url)
 
 
 def publish_for_pod(model: str, repo_id: str, secrets: Secrets) -> None:
@@ -282,6 +281,8 @@ class RunPodSession:
         return MoelabError(f"RunPod API failed to {action}: {mask_secrets(str(err), self.secret_values)}")
 
     def create(self, spec: PodSpec) -> None:
+        from requests import RequestException
+
         self.pod_name = spec.name
         with signals_deferred():  # a Ctrl-C mid-request would lose the id of a pod that exists
             try:
@@ -291,10 +292,18 @@ class RunPodSession:
                     volume_in_gb=0, start_ssh=False, support_public_ip=False,
                     docker_args=graphql_text(spec.start_command),
                     env={k: graphql_text(v) for k, v in spec.env.items()})
+            except RequestException as err:  # no usable answer (timeout, a proxy's error page): the pod may exist
+                self.remove_half_created_pod()
+                raise self.api_error("create the pod", err) from None
             except ValueError as err:  # the SDK checks the GPU id before creating
                 raise MoelabError(f"RunPod has no GPU type '{spec.gpu}' ({err}); pick an id from "
                                   "`python -c 'import runpod; print(runpod.get_gpus())'`") from None
-            except Exception as err:
+            except self.runpod.error.AuthenticationError:
+                raise MoelabError("RunPod refused the API key (HTTP 401); check RUNPOD_API_KEY or "
+                                  "--runpod-api-key (runpod.io > Settings > API Keys, read+write)") from None
+            except self.runpod.error.QueryError as err:  # RunPod answered no: nothing was created
+                raise self.api_error("create the pod", err) from None
+            except Exception as err:  # an answer we cannot read: the pod may exist all the same
                 self.remove_half_created_pod()
                 raise self.api_error("create the pod", err) from None
             self.pod_id = created["id"]
@@ -371,11 +380,12 @@ class RunPodSession:
                 self.runpod.terminate_pod(self.pod_id)
             except Exception as err:
                 if not self.already_gone():
-                    first = "" if failure is None else f" (after: {mask_secrets(describe(failure), self.secret_values)})"
+                    first = "" if failure is None else \
+                        f". Before that, the run had failed: {mask_secrets(describe(failure), self.secret_values)}"
                     raise MoelabError(
                         f"POD STILL RUNNING AND BILLING: pod {self.pod_id} could not be terminated "
-                        f"({mask_secrets(str(err), self.secret_values)}){first}; remove it now with "
-                        f"`runpodctl remove pod {self.pod_id}` or at {PODS_CONSOLE_URL}") from None
+                        f"({mask_secrets(str(err), self.secret_values)}); remove it now with "
+                        f"`runpodctl remove pod {self.pod_id}` or at {PODS_CONSOLE_URL}{first}") from None
             self.gone = True
         self.report("terminated")
 

@@ -25,6 +25,10 @@ GPU_TYPES = {
 }
 
 
+class GatewayTimeout(Exception):
+    """Raised by an operation whose answer is lost after it took effect."""
+
+
 @dataclass
 class Call:
     operation: str  # the top-level GraphQL field: gpuTypes, podFindAndDeployOnDemand, pod, myself, podTerminate
@@ -54,6 +58,7 @@ class FakeRunPod(LoopbackServer):
     `api_keys` are the keys it accepts (the user's, and the pod-scoped key a pod gets); others get HTTP 401.
     Faults (set before or during a run; `fail_next` from LoopbackServer gives HTTP-level ones):
       create_error / poll_error / terminate_error: a GraphQL error message for that operation (None = works);
+      lose_create_response: the pod is created but the answer is an HTML 504 (the caller never sees its id);
       ready_after_polls: the pod reports a runtime (container up) from this `pod` query on; None = never ready;
       exited_after_polls: from this `pod` query on the container has stopped (desiredStatus EXITED);
       delay_s: every answer waits this long (a slow API);
@@ -67,11 +72,13 @@ class FakeRunPod(LoopbackServer):
         self.calls: list[Call] = []
         self.pods: dict[str, FakePod] = {}
         self.create_error: str | None = None
+        self.lose_create_response = False
         self.poll_error: str | None = None
         self.terminate_error: str | None = None
         self.ready_after_polls: int | None = 1
         self.exited_after_polls: int | None = None
         self.delay_s = 0.0
+        self.received = 0
         self.on_deploy: Callable[[FakePod], None] | None = None
         self.on_terminate: Callable[[FakePod], None] | None = None
         self._ids = (f"fakepod{n:04d}" for n in itertools.count(1))
@@ -93,6 +100,7 @@ class FakeRunPod(LoopbackServer):
     # --- HTTP ------------------------------------------------------------------------------------------------
 
     def record(self, request: Request) -> None:
+        self.received += 1  # counted on arrival: a test can act while a slow request is in flight
         time.sleep(self.delay_s)  # outside the server's lock, so a slow answer does not block the others
 
     def fault(self, status: int, message: str | None) -> Response:
@@ -102,7 +110,11 @@ class FakeRunPod(LoopbackServer):
         if request.method != "POST" or request.path != "/graphql":
             return Response.json(404, {"error": "not found"})
         api_key = request.headers.get("authorization", "").removeprefix("Bearer ")
-        status, payload = self.answer(request.json()["query"], api_key)
+        try:
+            status, payload = self.answer(request.json()["query"], api_key)
+        except GatewayTimeout:  # what the edge proxy sends when the backend is slow: HTML, not GraphQL
+            return Response(504, b"<html><body><h1>504 Gateway Time-out</h1></body></html>",
+                            {"Content-Type": "text/html"})
         return Response.json(status, payload)
 
     # --- GraphQL ---------------------------------------------------------------------------------------------
@@ -134,6 +146,8 @@ class FakeRunPod(LoopbackServer):
         self.pods[pod.id] = pod
         if self.on_deploy:
             threading.Thread(target=self.on_deploy, args=(pod,), daemon=True).start()
+        if self.lose_create_response:
+            raise GatewayTimeout
         return 200, {"data": {"podFindAndDeployOnDemand": {
             "id": pod.id, "imageName": spec.get("imageName"), "env": [f"{k}={v}" for k, v in pod.env.items()],
             "machineId": "fakemachine1", "machine": {"podHostId": f"{pod.id}-host"}}}}
