@@ -219,6 +219,31 @@ def test_ctrl_c_while_the_create_request_is_in_flight_still_terminates_the_pod(t
     assert_terminated_once_by_us(runpod_api)
 
 
+def test_the_pod_entry_posts_its_error_and_removes_its_own_pod(tmp_path, runpod_api, github_api, monkeypatch):
+    """The pod side alone (its local side gone): the gist gets the error and the pod removes itself."""
+    import runpod
+
+    from moelab.eval.remote import GistChannel
+
+    monkeypatch.setenv("GITHUB_API_URL", github_api.url)
+    monkeypatch.setenv("RUNPOD_API_BASE_URL", runpod_api.url)
+    monkeypatch.setattr(runpod, "api_key", USER_KEY)
+    channel = GistChannel.create(GITHUB_TOKEN, MODEL_ID)
+    pod_id = runpod.create_pod("moelab-eval-test", "runpod/pytorch", GPU)["id"]
+    env = {**{k: v for k, v in os.environ.items() if k not in ("GITHUB_TOKEN", "HF_TOKEN")},
+           "MOELAB_MODEL": MODEL_ID, "MOELAB_EVAL_SETTINGS": '{"tasks": ["bigbench_navigate"], "shots": 5}',
+           "MOELAB_GIST_ID": channel.gist_id, "GITHUB_TOKEN": GITHUB_TOKEN,
+           "RUNPOD_POD_ID": pod_id, "RUNPOD_API_KEY": POD_KEY}
+    result = subprocess.run([sys.executable, "-m", "moelab.eval.pod"], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+
+    assert result.returncode == 1
+    error = github_api.gists[channel.gist_id]["files"]["moelab-error.txt"]["content"]
+    assert "TypeError" in error and "shots" in error
+    assert runpod_api.pods[pod_id].terminated and runpod_api.terminate_calls(pod_id, POD_KEY) == 1
+    assert_no_secrets(result.stdout, result.stderr, error)
+
+
 # --- the full round trip: push, the pod evaluates and posts to the gist, the report comes back ------------------
 
 @pytest.fixture(scope="module")
@@ -308,9 +333,10 @@ def test_round_trip_push_evaluate_on_the_pod_and_read_the_report_back(tmp_path, 
 
     gist = github_api.gists[report.gist_id]
     assert not gist["public"]
-    assert json.loads(gist["files"]["moelab-report.json"]["content"])["results"] == \
-        json.loads(report_path.read_text())["results"]
+    assert sorted(gist["files"]) == ["tiny-moe-Nous.md", "tiny-moe-Nous.report.json"]  # AutoEval's file first
     assert "### Bigbench" in gist["files"]["tiny-moe-Nous.md"]["content"]
+    assert json.loads(gist["files"]["tiny-moe-Nous.report.json"]["content"])["results"] == \
+        json.loads(report_path.read_text())["results"]
 
     pod = the_pod(runpod_api)
     # Removed by itself (pod key) or by us, whichever came first; a second podTerminate of a gone pod fails.

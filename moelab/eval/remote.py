@@ -43,7 +43,8 @@ MAX_API_FAILURES = 3  # consecutive failed polls before we give up (and terminat
 GITHUB_API_ENV = "GITHUB_API_URL"
 
 # What the local side and the pod agree on (names of gist files and pod environment variables).
-REPORT_FILE = "moelab-report.json"
+# Git orders a gist's files by name, so "<model>-Nous.md" stays the first file, which YALL-style harvesters read.
+REPORT_SUFFIX = "-Nous.report.json"
 ERROR_FILE = "moelab-error.txt"
 POD_ENV_MODEL = "MOELAB_MODEL"
 POD_ENV_SETTINGS = "MOELAB_EVAL_SETTINGS"
@@ -446,8 +447,9 @@ class GistChannel:
         with github_errors("read the run's gist", *self.secret_values):
             self.gist.update()
             files = self.gist.files
-        if REPORT_FILE in files:
-            return EvalReport.from_dict(json.loads(files[REPORT_FILE].content))
+        report_file = next((f for name, f in files.items() if name.endswith(REPORT_SUFFIX)), None)
+        if report_file is not None:
+            return EvalReport.from_dict(json.loads(report_file.content))
         if ERROR_FILE in files:
             return files[ERROR_FILE].content.strip()
         return None
@@ -457,8 +459,8 @@ class GistChannel:
 
         with github_errors("write the report to the gist", *self.secret_values):
             self.gist.edit(description=f"moelab eval {report.model} (Nous)", files={
-                f"{report.model.split('/')[-1]}-Nous.md": InputFileContent(markdown),
-                REPORT_FILE: InputFileContent(json.dumps(report.to_dict(), indent=2) + "\n")})
+                f"{report.model_name}-Nous.md": InputFileContent(markdown),
+                f"{report.model_name}{REPORT_SUFFIX}": InputFileContent(json.dumps(report.to_dict(), indent=2))})
 
     def post_error(self, text: str) -> None:
         from github import InputFileContent
