@@ -221,13 +221,24 @@ def evaluate_task(lm, task: SuiteTask, settings: EvalSettings, data_dir: Path | 
     import torch
     from lm_eval.evaluator import evaluate
 
+    import jinja2
+    from datasets.exceptions import DatasetGenerationError
+
     random.seed(0)
     numpy.random.seed(1234)
     torch.manual_seed(1234)
-    loaded = task_manager.load([task_config(task, data_dir)])
-    for lm_eval_task in loaded["tasks"].values():
-        lm_eval_task.set_fewshot_seed(seed=1234)
-    return task_result(task, evaluate(lm=lm, task_dict=loaded, limit=settings.limit, log_samples=False))
+    try:
+        loaded = task_manager.load([task_config(task, data_dir)])
+        for lm_eval_task in loaded["tasks"].values():
+            lm_eval_task.set_fewshot_seed(seed=1234)
+        return task_result(task, evaluate(lm=lm, task_dict=loaded, limit=settings.limit, log_samples=False))
+    except (DatasetGenerationError, jinja2.UndefinedError, KeyError) as err:
+        if data_dir is None:
+            raise
+        cause = err.__cause__ or err
+        raise MoelabError(f"task {task.name}: {data_dir / task.data_file} does not read as its dataset's schema "
+                          f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}); "
+                          "fix the file and re-run, finished tasks are kept") from None
 
 
 def check_writable(output: Path) -> None:
