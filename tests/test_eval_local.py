@@ -215,6 +215,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny_model, nous_data, tmp_path):
     (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
     line = one_line_error(moelab_eval(broken, "--tasks", "bigbench_navigate", "--data-dir", nous_data, *out))
     assert line.startswith("error: cannot load model") and "broken-model" in line
+    assert not (tmp_path / "r" / "nous.json.partial").exists()  # nothing half-done is left behind
 
     line = one_line_error(moelab_eval(tmp_path / "nowhere", *out))
     assert "neither a model folder nor a Hub repo id" in line
@@ -253,3 +254,22 @@ def test_smollm2_bigbench_matches_independent_scoring(smollm2_dir, tmp_path):
         assert result.stderr == pytest.approx(stderr), result.task
     assert report.groups == {} and report.average is None and report.limited
 
+
+
+def test_without_data_dir_split_tasks_read_hails_bigbench_and_keep_their_own_object_count():
+    """hails/bigbench mixes the 3/5/7-object subtasks in one config; each Nous task keeps only its own rows."""
+    import datasets
+
+    from moelab.eval.local import task_config
+
+    parts = ("three", "five", "seven")
+    mixed = datasets.concatenate_datasets([datasets.Dataset.from_json(
+        str(BIGBENCH_DIR / f"logical_deduction_{n}_objects.jsonl")) for n in parts])
+    for n, rows in zip(parts, (300, 500, 700)):
+        config = task_config(next(t for t in NOUS_TASKS if t.name == f"bigbench_logical_deduction_{n}_objects"), None)
+        assert (config["dataset_path"], config["dataset_name"]) == ("hails/bigbench", "logical_deduction_zero_shot")
+        assert config["process_docs"](mixed).num_rows == rows
+    navigate = task_config(next(t for t in NOUS_TASKS if t.name == "bigbench_navigate"), None)
+    assert navigate["dataset_name"] == "navigate_zero_shot" and "process_docs" not in navigate
+    judgement = task_config(next(t for t in NOUS_TASKS if t.name == "bigbench_causal_judgement"), None)
+    assert judgement["dataset_name"] == "causal_judgment_zero_shot"

@@ -130,3 +130,17 @@ def test_multiple_choice_grade_credits_any_choice_that_scores_one():
     doc = {"targets": ["3"], "multiple_choice_targets": ["3", "three", "four"], "multiple_choice_scores": [1, 1, 0]}
     assert multiple_choice_grade(doc, [(-5.0, False), (-1.0, False), (-3.0, False)]) == {"multiple_choice_grade": 1.0}
     assert multiple_choice_grade(doc, [(-5.0, False), (-4.0, False), (-3.0, False)]) == {"multiple_choice_grade": 0.0}
+
+
+def test_stock_tasks_keep_lm_evals_config_and_point_at_local_files_with_a_data_dir(tmp_path):
+    from moelab.eval.local import task_config
+
+    truthfulqa = next(t for t in NOUS_TASKS if t.name == "truthfulqa_mc")
+    hub = task_config(truthfulqa, None)
+    assert (hub["task"], hub["dataset_path"], hub["num_fewshot"]) == ("truthfulqa_mc", "truthfulqa/truthful_qa", 0)
+    assert "Q: What is the square root of banana?" in hub["doc_to_text"]  # the fixed 6-pair preamble
+    local = task_config(truthfulqa, tmp_path)
+    assert local["dataset_path"] == "json" and local["validation_split"] == "validation"
+    assert local["dataset_kwargs"] == {"data_files": {"validation": str(tmp_path / "truthfulqa/truthfulqa_mc.jsonl")}}
+    arc = task_config(next(t for t in NOUS_TASKS if t.name == "arc_challenge"), tmp_path)
+    assert arc["test_split"] == "test" and arc["validation_split"] is None and arc["training_split"] is None

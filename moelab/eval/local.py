@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
@@ -272,6 +273,7 @@ def run_eval(model: str, settings: EvalSettings, data_dir: Path | None, output: 
     Finished tasks are written to `<output>.partial/<task>.json` as they complete, so a run stopped by an error or
     Ctrl-C continues where it stopped; the folder is removed once the report is written.
     """
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from moelab.eval.suite import select_tasks
@@ -288,12 +290,12 @@ def run_eval(model: str, settings: EvalSettings, data_dir: Path | None, output: 
                                         num_fewshot={t.name: t.num_fewshot for t in tasks}))
 
     cache_dir = cache_dir_for(output)
-    cache_dir.mkdir(exist_ok=True)
     fingerprints = {t.name: task_fingerprint(model, content_hash, settings, t, data_dir) for t in tasks}
     results = {t.name: r for t in tasks if (r := read_cached(cache_dir, t, fingerprints[t.name]))}
     lm = task_manager = revision = None
     with quiet_lm_eval(), Progress(TextColumn("{task.description}"), BarColumn(),
-                                   TextColumn("{task.completed}/{task.total} tasks"), TimeElapsedColumn()) as bar:
+                                   TextColumn("{task.completed}/{task.total} tasks"), TimeElapsedColumn(),
+                                   console=Console(stderr=True)) as bar:
         overall = bar.add_task("cached", total=len(tasks), completed=len(results))
         for task in tasks:
             if task.name in results:
@@ -321,9 +323,8 @@ def run_eval(model: str, settings: EvalSettings, data_dir: Path | None, output: 
         wall_time_s=round(time.perf_counter() - started, 2),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     report.save(output)
-    for file in cache_dir.glob("*.json"):
-        file.unlink()
-    cache_dir.rmdir()
+    if cache_dir.is_dir():
+        shutil.rmtree(cache_dir)
     return report
 
 
