@@ -24,13 +24,15 @@ SHARED_WEIGHTS = "## Shared weights"
 
 def model_card(recipe: Recipe, recipe_text: str, architecture: str, notes: list[str],
                shared_deltas: dict[str, float] | None = None, report: EvalReport | None = None,
-               repo_id: str | None = None, licenses: dict[str, str | None] | None = None) -> str:
+               repo_id: str | None = None, licenses: dict[str, str | None] | None = None,
+               routing: dict | None = None) -> str:
     """Markdown with YAML front matter: license, base models, tags, the expert table, evaluation, build notes,
     the recipe and usage.
 
     `shared_deltas`: per expert, how far its shared (non-MLP) weights are from the base's (relative norm).
     `report`: adds an evaluation table and `model-index` results. `repo_id`: the Hub id the usage code loads.
     `licenses`: the license of each source model (None: unknown); looked up locally when not given.
+    `routing`: held-out routing quality of gate_mode trained (RouterReport.to_json(), kept in moelab.json).
     """
     sources = _unique([recipe.base_model] + [e.source_model for e in recipe.experts]
                       + [e.source_model for e in recipe.shared_experts or []])
@@ -65,11 +67,25 @@ def model_card(recipe: Recipe, recipe_text: str, architecture: str, notes: list[
         + (f"{SHARED_WEIGHTS}: `{recipe.shared_weights}`\nHow far each expert's non-MLP weights are from the "
            "base's (relative norm of the difference); `base` drops these changes, the merging modes keep them.\n\n"
            f"| expert | change of shared weights |\n|---|---|\n{deltas_md}\n" if deltas_md else "")
+        + (_routing_markdown(routing) if routing else "")
         + (f"{BUILD_NOTES}\n{notes_md}\n" if notes else "")
         + f"## Recipe\n```yaml\n{recipe_text.rstrip()}\n```\n\n"
         + _usage(repo_id)
         + _license_note(licenses, license_id)
     )
+
+
+def _routing_markdown(routing: dict) -> str:
+    """Held-out top-1 routing accuracy per expert and load balance, hidden (prompt) gates vs trained gates."""
+    hidden, trained = routing["hidden"], routing["trained"]
+    rows = "".join(f"| {name} | {hidden['accuracy'][name]:.3f} | {trained['accuracy'][name]:.3f} |\n"
+                   for name in trained["accuracy"])
+    return ("## Routing (held-out tokens of each expert's domain)\n"
+            f"Share of {routing['heldout_tokens']} held-out token-layer choices routed to their domain's expert, "
+            "for router rows from prompts (`hidden`) and fitted ones (`trained`).\n\n"
+            f"| expert | hidden | trained |\n|---|---|---|\n{rows}"
+            f"| **overall** | {hidden['overall']:.3f} | {trained['overall']:.3f} |\n"
+            f"| load imbalance (CV of usage, 0 = even) | {hidden['balance_cv']:.3f} | {trained['balance_cv']:.3f} |\n\n")
 
 
 def _usage(repo_id: str | None) -> str:

@@ -51,8 +51,24 @@ def build(
     result = build_moe(parsed, text, out, options, recipe_dir=recipe.parent)
     console.print(f"[green]built[/green] {result.architecture} with {result.num_experts} experts "
                   f"({result.total_bytes / 1e9:.2f} GB in {result.num_shards} shard(s)) at {out}")
+    if result.routing is not None:
+        Console().print(routing_table(result.routing))
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+
+
+def routing_table(report):
+    """Held-out routing of gate_mode trained: per-expert accuracy and balance, hidden vs trained gates."""
+    from rich.table import Table
+
+    table = Table(title=f"routing of {report.heldout_tokens} held-out token-layer choices (top-1)")
+    for column in ("expert", "hidden", "trained"):
+        table.add_column(column, justify="left" if column == "expert" else "right")
+    for name, accuracy in report.trained.accuracy.items():
+        table.add_row(name, f"{report.hidden.accuracy[name]:.3f}", f"{accuracy:.3f}")
+    table.add_row("overall", f"{report.hidden.overall:.3f}", f"{report.trained.overall:.3f}", style="bold")
+    table.add_row("imbalance (CV)", f"{report.hidden.balance_cv:.3f}", f"{report.trained.balance_cv:.3f}")
+    return table
 
 
 @app.command()
@@ -167,14 +183,14 @@ def eval_command(
                                           "tasks (e.g. bigbench_navigate,truthfulqa_mc)."),
     limit: Optional[int] = typer.Option(None, help="At most N examples per task (a smoke test; marked as limited)."),
     data_dir: Optional[Path] = typer.Option(None, help="Offline task data: bigbench/<task>.jsonl, agieval/, "
-                                                       "gpt4all/, truthfulqa/ [default: download from the Hub]."),
-    output: Optional[Path] = typer.Option(None, help="Report JSON [default: reports/<model-name>/nous.json]."),
+                                                       "gpt4all/, truthfulqa/ (default: download from the Hub)."),
+    output: Optional[Path] = typer.Option(None, help="Report JSON (default: reports/<model-name>/nous.json)."),
     backend: str = typer.Option("hf", help="lm-eval backend: hf, or vllm (GPU, when installed)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option("auto", help="auto (float16 on GPU as AutoEval, float32 on CPU), bfloat16, float16 "
                                            "or float32."),
     batch_size: str = typer.Option("auto", help="Batch size, or auto (probed on GPU; 8 on CPU)."),
-    max_length: Optional[int] = typer.Option(None, help="Longest context in tokens [default: the model's]."),
+    max_length: Optional[int] = typer.Option(None, help="Longest context in tokens (default: the model's)."),
     remote: Optional[str] = typer.Option(None, help="Run on a rented GPU pod instead: runpod (needs RUNPOD_API_KEY "
                                                     "and GITHUB_TOKEN with gist scope; the pod is always removed).",
                                          rich_help_panel="Remote"),

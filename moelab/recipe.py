@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moelab.errors import MoelabError
 
-GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random", "hidden_last", "hidden_avg")
-PROMPTED_GATE_MODES = ("hidden", "cheap_embed", "hidden_last", "hidden_avg")
+GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random", "hidden_last", "hidden_avg", "trained")
+PROMPTED_GATE_MODES = ("hidden", "cheap_embed", "hidden_last", "hidden_avg", "trained")
 RANDOM_GATE_MODES = ("random", "uniform_random")
 SHARED_WEIGHT_MODES = ("base", "average", "task_arithmetic", "ties")
 
@@ -40,6 +40,21 @@ class Expert(BaseModel):
     # task_arithmetic/ties shared weights.
     name: Optional[str] = None
     weight: Optional[float] = None
+    # gate_mode trained: examples of this expert's domain (JSONL with "text", or one example per line).
+    router_data: Optional[str] = None
+
+
+class RouterTraining(BaseModel):
+    """Options of gate_mode trained (see moelab/build/router_training.py)."""
+    model_config = ConfigDict(extra="forbid")
+
+    examples: int = Field(64, ge=2, description="examples per expert, before the held-out split")
+    tokens: int = Field(32, ge=2, description="tokens per example (longer ones are cut)")
+    tokens_per_example: int = Field(16, ge=1, description="tokens of each example kept for fitting")
+    steps: int = Field(80, ge=1)
+    lr: float = Field(0.1, gt=0)
+    balance: float = Field(0.1, ge=0, description="weight of the load-balance term")
+    holdout: float = Field(0.25, ge=0, lt=1, description="share of examples held out to measure routing")
 
 
 class Recipe(BaseModel):
@@ -58,6 +73,7 @@ class Recipe(BaseModel):
     allow_identical_experts: bool = False
     shared_weights: str = "base"
     density: float = 0.5
+    router_training: RouterTraining = Field(default_factory=RouterTraining)
 
     def expert_names(self) -> list[str]:
         return [e.name or f"E{i}" for i, e in enumerate(self.experts)]

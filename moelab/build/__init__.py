@@ -43,6 +43,7 @@ class BuildResult:
     total_bytes: int
     warnings: list[str] = field(default_factory=list)
     shared_deltas: dict[str, float] = field(default_factory=dict)  # expert -> relative change of shared weights
+    routing: Optional[object] = None  # RouterReport of gate_mode trained: held-out routing, hidden vs trained
 
 
 @dataclass
@@ -87,8 +88,9 @@ def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions
 
     gated_experts: list[Expert] = list(recipe.experts) + (list(recipe.shared_experts) if shared else [])
     num_layers, hidden = base.config["num_hidden_layers"], base.config["hidden_size"]
-    gates = compute_gates(recipe.gate_mode, gated_experts, base.folder, shared_weights, num_layers, hidden, seed,
-                          options.device, options.load_in_4bit, options.load_in_8bit)
+    gates, router_report = compute_gates(recipe, gated_experts, base.folder, shared_weights, num_layers, hidden, seed,
+                                         options.device, options.load_in_4bit, options.load_in_8bit, recipe_dir,
+                                         options.show_progress)
     if shared and not recipe.shared_experts[0].positive_prompts:
         gates[:, len(experts):] = 0  # documented in gates.py: an unprompted shared expert always gets sigmoid(0)
     if recipe.gate_mode in PROMPTED_GATE_MODES:
@@ -104,16 +106,19 @@ def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions
         config = moe_config_dict(layout, base.config, len(experts), recipe.experts_per_token, bool(shared), out_dtype)
         _write_config(layout, config, tmp)
         _copy_tokenizer(base.folder, tmp)
-        _write_metadata(tmp, recipe, recipe_text, layout)
+        routing = router_report.to_json() if router_report else None
+        _write_metadata(tmp, recipe, recipe_text, layout, routing)
         from moelab.card import model_card
 
-        (tmp / "README.md").write_text(model_card(recipe, recipe_text, layout.arch_id, warnings, shared_deltas))
+        (tmp / "README.md").write_text(
+            model_card(recipe, recipe_text, layout.arch_id, warnings, shared_deltas, routing=routing))
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BuildResult(out=out, architecture=layout.arch_id, num_experts=len(experts), num_shards=len(shard_names),
-                       total_bytes=sum(t.nbytes for t in plan), warnings=warnings, shared_deltas=shared_deltas)
+                       total_bytes=sum(t.nbytes for t in plan), warnings=warnings, shared_deltas=shared_deltas,
+                       routing=router_report)
 
 
 def _shared_weights(recipe: Recipe, base: ResolvedModel, models: list[ResolvedModel]) -> SharedWeights:
@@ -251,7 +256,8 @@ def _copy_tokenizer(base_dir: Path, folder: Path) -> None:
             shutil.copyfile(base_dir / name, folder / name)
 
 
-def _write_metadata(folder: Path, recipe: Recipe, recipe_text: str, layout: MoeLayout) -> None:
+def _write_metadata(folder: Path, recipe: Recipe, recipe_text: str, layout: MoeLayout,
+                    routing: Optional[dict]) -> None:
     from moelab import __version__
 
     (folder / "moelab_recipe.yaml").write_text(recipe_text)
@@ -265,6 +271,7 @@ def _write_metadata(folder: Path, recipe: Recipe, recipe_text: str, layout: MoeL
                            "residual_scale": recipe.shared_experts[0].residual_scale}
                           if recipe.shared_experts else None),
         "recipe_sha256": recipe_hash(recipe_text),
+        "routing": routing,
     }
     (folder / "moelab.json").write_text(json.dumps(meta, indent=2) + "\n")
 

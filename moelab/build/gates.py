@@ -23,12 +23,12 @@ token (set its residual_scale to 2 for the full output).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from moelab.errors import MoelabError
-from moelab.recipe import Expert
+from moelab.recipe import Expert, Recipe
 
-PROMPT_BATCH = 8
+PROMPT_BATCH = 32
 EPS = 1e-8
 
 
@@ -135,8 +135,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def prompt_vectors(model, token_lists: list[list[int]], mode: str, skip_first: bool):
-    """Mean over prompts of v_l(p) (see the module docstring): a float32 tensor (L, H)."""
+def layer_states(model, token_lists: list[list[int]], mode: str):
+    """Per batch of prompts: (states, mask), with states[l] of shape (B, T, H) on the CPU in float32.
+
+    mode "hidden": the router's input at layer l (post-attention norm output); else the residual stream entering
+    layer l. Prompts are right-padded and `mask` marks real tokens.
+    """
     import torch
 
     layers = model.model.layers
@@ -148,7 +152,6 @@ def prompt_vectors(model, token_lists: list[list[int]], mode: str, skip_first: b
                 captured[index] = output
             hooks.append(layer.post_attention_layernorm.register_forward_hook(keep))
     device = next(model.parameters()).device
-    total = None
     try:
         for start in range(0, len(token_lists), PROMPT_BATCH):
             batch = token_lists[start:start + PROMPT_BATCH]
@@ -161,16 +164,22 @@ def prompt_vectors(model, token_lists: list[list[int]], mode: str, skip_first: b
             with torch.no_grad():  # the decoder alone: the LM head's logits are not needed
                 out = model.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                   output_hidden_states=mode != "hidden")
-            if mode == "hidden":
-                states = [captured[i] for i in range(len(layers))]
-            else:
-                states = list(out.hidden_states[:len(layers)])
-            per_layer = torch.stack([_pool(s.float().cpu(), mask, mode, skip_first) for s in states])  # (L, B, H)
-            batch_sum = per_layer.sum(dim=1)
-            total = batch_sum if total is None else total + batch_sum
+            states = ([captured[i] for i in range(len(layers))] if mode == "hidden"
+                      else list(out.hidden_states[:len(layers)]))
+            yield [s.float().cpu() for s in states], mask
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def prompt_vectors(model, token_lists: list[list[int]], mode: str, skip_first: bool):
+    """Mean over prompts of v_l(p) (see the module docstring): a float32 tensor (L, H)."""
+    import torch
+
+    total = None
+    for states, mask in layer_states(model, token_lists, mode):
+        batch_sum = torch.stack([_pool(s, mask, mode, skip_first) for s in states]).sum(dim=1)  # (L, H)
+        total = batch_sum if total is None else total + batch_sum
     return total / len(token_lists)
 
 
@@ -205,28 +214,40 @@ def hidden_gates(model, tokenizer, experts: Sequence[Expert], mode: str):
     return torch.stack(rows, dim=1)
 
 
-def compute_gates(gate_mode: str, experts: Sequence[Expert], base_dir: Path, shared_weights, num_layers: int,
+def compute_gates(recipe: Recipe, experts: Sequence[Expert], base_dir: Path, shared_weights, num_layers: int,
                   hidden: int, seed: int, device: str = "auto", load_in_4bit: bool = False,
-                  load_in_8bit: bool = False):
-    """G (L, E, H) float32 for `experts` (routed experts, then a gated shared expert) under `gate_mode`.
+                  load_in_8bit: bool = False, recipe_dir: Optional[Path] = None, show_progress: bool = True):
+    """(G (L, E, H) float32, RouterReport or None) for `experts` (routed, then a gated shared expert).
 
     Prompts run through the base model with the MoE's own shared weights (`shared_weights`, a SharedWeights),
-    since those are what the router's inputs will come from.
+    since those are what the router's inputs will come from. gate_mode trained fits the routed experts' rows
+    (moelab/build/router_training.py), starting from the hidden ones.
     """
+    gate_mode = recipe.gate_mode
     import gc
 
     from transformers import AutoTokenizer
 
     if gate_mode in ("random", "uniform_random"):
-        return random_gates(num_layers, len(experts), hidden, seed, uniform=gate_mode == "uniform_random")
+        return random_gates(num_layers, len(experts), hidden, seed, uniform=gate_mode == "uniform_random"), None
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if gate_mode == "cheap_embed":
-        return cheap_embed_gates(shared_weights.get("model.embed_tokens.weight"), tokenizer, experts, num_layers)
+        embedding = shared_weights.get("model.embed_tokens.weight")
+        return cheap_embed_gates(embedding, tokenizer, experts, num_layers), None
     model = load_gate_model(base_dir, device, load_in_4bit, load_in_8bit)
     if shared_weights.merged:
         _load_shared_weights(model, shared_weights)
     try:
-        return hidden_gates(model, tokenizer, experts, gate_mode)
+        gates = hidden_gates(model, tokenizer, experts, "hidden" if gate_mode == "trained" else gate_mode)
+        if gate_mode != "trained":
+            return gates, None
+        from moelab.build.router_training import trained_gates
+
+        routed = len(recipe.experts)
+        fitted, report = trained_gates(model, tokenizer, recipe.experts, recipe.expert_names(), gates[:, :routed],
+                                       recipe.router_training, seed, recipe_dir, show_progress)
+        gates[:, :routed] = fitted
+        return gates, report
     finally:
         del model
         gc.collect()

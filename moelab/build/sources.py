@@ -50,6 +50,14 @@ def resolve_model(ref: str, base_dir: Path | None = None) -> Path:
     return _from_hub(ref)
 
 
+def resolve_data_path(ref: str, base_dir: Path | None = None) -> Path:
+    """A data file named in a recipe: `pkg:PACKAGE/FILE`, or a path (relative to the recipe's folder)."""
+    path = _package_path(ref) if ref.startswith("pkg:") else _local_path(ref, base_dir)
+    if path is None or not path.is_file():
+        raise MoelabError(f"data file '{ref}' not found; check the path (relative paths start at the recipe's folder)")
+    return path
+
+
 def _local_path(ref: str, base_dir: Path | None) -> Path | None:
     candidates = [Path(ref).expanduser()]
     if base_dir is not None and not Path(ref).is_absolute():

@@ -1,0 +1,163 @@
+"""gate_mode trained: router rows fitted, layer by layer, to tell apart the experts' domains token by token.
+
+For each expert, examples of its domain (its `router_data` file, else its positive prompts) run through the base
+model (with the MoE's shared weights) once; at every layer l the router's input x_l is kept for a seeded sample of
+tokens, labelled with the expert whose domain they came from. Part of the examples is held out. Per layer,
+W_l (E x H) starts from the `hidden` solution and minimises, by full-batch Adam,
+
+    cross_entropy(W_l x, label)  +  balance * E * sum_e mean_x(softmax(W_l x)_e)^2
+
+The second term is 1 when the router's average load is uniform and grows as it concentrates on few experts.
+Only router rows change. Routing quality (top-1 accuracy per expert and load balance, the coefficient of variation
+of top-1 usage over tokens and layers) is measured on held-out tokens, as many from each domain, for both `hidden`
+and `trained`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from moelab.errors import MoelabError
+from moelab.recipe import Expert, RouterTraining
+
+
+@dataclass
+class RoutingQuality:
+    accuracy: dict[str, float]   # expert -> share of its held-out (token, layer) pairs routed to it (top-1)
+    overall: float               # mean of the per-expert accuracies
+    balance_cv: float            # std / mean of top-1 usage shares over held-out tokens and layers (0 = even)
+
+
+@dataclass
+class RouterReport:
+    hidden: RoutingQuality
+    trained: RoutingQuality
+    train_tokens: int
+    heldout_tokens: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def read_router_data(path: Path) -> list[str]:
+    """Examples from a JSONL file (each row's "text", else its string values joined) or a text file (one per line)."""
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+    except OSError as err:
+        raise MoelabError(f"cannot read router_data {path}: {err.strerror}; check the path") from None
+    if path.suffix != ".jsonl":
+        return lines
+    examples = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise MoelabError(f"{path} line {number} is not JSON; router_data .jsonl needs one object per line") from None
+        examples.append(row["text"] if "text" in row else " ".join(v for v in row.values() if isinstance(v, str)))
+    return examples
+
+
+def _split_examples(examples: list[str], options: RouterTraining, generator) -> tuple[list[str], list[str]]:
+    import torch
+
+    order = torch.randperm(len(examples), generator=generator).tolist()[:options.examples]
+    chosen = [examples[i] for i in order]
+    heldout = max(1, int(round(options.holdout * len(chosen)))) if len(chosen) > 1 else 0
+    return chosen[heldout:], chosen[:heldout]
+
+
+def _token_features(model, tokenizer, texts: list[str], options: RouterTraining, generator):
+    """(L, N, H) float32 router inputs at a seeded sample of up to `tokens_per_example` tokens of each text."""
+    import torch
+
+    from moelab.build.gates import encode_prompts, layer_states
+
+    ids = [seq[:options.tokens] for seq in encode_prompts(tokenizer, texts)]
+    skip = 1 if tokenizer.bos_token_id is not None else 0
+    per_layer: list[list] = []
+    for states, mask in layer_states(model, ids, "hidden"):
+        picks = []
+        for row in range(mask.shape[0]):
+            positions = torch.arange(skip, int(mask[row].sum()))
+            keep = torch.randperm(len(positions), generator=generator)[:options.tokens_per_example]
+            picks.append((row, positions[keep]))
+        for layer, s in enumerate(states):
+            if len(per_layer) <= layer:
+                per_layer.append([])
+            per_layer[layer].append(torch.cat([s[row, pos] for row, pos in picks]))
+    return torch.stack([torch.cat(chunks) for chunks in per_layer])
+
+
+def routing_quality(gates, features, labels, names: Sequence[str]) -> RoutingQuality:
+    """Top-1 routing of held-out tokens: per-expert accuracy and load balance (see the module docstring)."""
+    import torch
+
+    choice = torch.einsum("lnh,leh->lne", features, gates.float()).argmax(dim=-1)  # (L, N)
+    correct = choice == labels.unsqueeze(0)
+    accuracy = {name: float(correct[:, labels == e].float().mean()) for e, name in enumerate(names)
+                if bool((labels == e).any())}
+    usage = torch.bincount(choice.flatten(), minlength=len(names)).float()
+    usage = usage / usage.sum()
+    return RoutingQuality(accuracy=accuracy, overall=sum(accuracy.values()) / len(accuracy),
+                          balance_cv=float(usage.std(unbiased=False) / usage.mean()))
+
+
+def fit_routers(features, labels, init, options: RouterTraining):
+    """W (L, E, H) from `init` by full-batch Adam on cross-entropy plus the balance term, all layers at once.
+
+    The layers' problems are independent; summing their losses fits them together in one loop of small steps.
+    """
+    import torch
+
+    num_layers, num_experts = init.shape[0], init.shape[1]
+    weight = init.clone().float().requires_grad_(True)
+    counts = torch.bincount(labels, minlength=num_experts).float()
+    class_weight = counts.sum() / (num_experts * counts.clamp(min=1))  # every domain counts the same
+    targets = labels.repeat(num_layers)
+    optimizer = torch.optim.Adam([weight], lr=options.lr)
+    for _ in range(options.steps):
+        optimizer.zero_grad()
+        logits = torch.einsum("lnh,leh->lne", features, weight)
+        load = torch.softmax(logits, dim=-1).mean(dim=1)  # (L, E)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, num_experts), targets, weight=class_weight) + \
+            options.balance * num_experts * load.square().sum(dim=-1).mean()
+        (loss * num_layers).backward()
+        optimizer.step()
+    return weight.detach()
+
+
+def trained_gates(model, tokenizer, experts: Sequence[Expert], names: Sequence[str], hidden_gates,
+                  options: RouterTraining, seed: int, recipe_dir: Optional[Path],
+                  show_progress: bool = True):
+    """(gates (L, E, H), RouterReport) for the routed experts; `hidden_gates` is the starting point."""
+    import torch
+    from rich.progress import Progress
+
+    from moelab.build.sources import resolve_data_path
+
+    generator = torch.Generator().manual_seed(seed)
+    train, heldout = [], []
+    for expert in experts:
+        examples = (read_router_data(resolve_data_path(expert.router_data, recipe_dir)) if expert.router_data
+                    else list(expert.positive_prompts))
+        fit_part, held_part = _split_examples(examples, options, generator)
+        train.append(_token_features(model, tokenizer, fit_part, options, generator))
+        heldout.append(_token_features(model, tokenizer, held_part, options, generator) if held_part else None)
+    labels = torch.cat([torch.full((f.shape[1],), e) for e, f in enumerate(train)])
+    features = torch.cat(train, dim=1)
+    with Progress(transient=True, disable=not show_progress) as progress:
+        progress.add_task(f"fitting {features.shape[0]} layers of router rows", total=None)
+        gates = fit_routers(features, labels, hidden_gates, options)
+    held = [(e, f) for e, f in enumerate(heldout) if f is not None]
+    # The same number of held-out tokens per domain, so that perfect routing has even usage (CV 0).
+    per_domain = min(f.shape[1] for _, f in held)
+    held = [(e, f[:, torch.randperm(f.shape[1], generator=generator)[:per_domain]]) for e, f in held]
+    held_features = torch.cat([f for _, f in held], dim=1)
+    held_labels = torch.cat([torch.full((f.shape[1],), e) for e, f in held])
+    report = RouterReport(hidden=routing_quality(hidden_gates, held_features, held_labels, names),
+                          trained=routing_quality(gates, held_features, held_labels, names),
+                          train_tokens=int(labels.numel()), heldout_tokens=int(held_labels.numel()))
+    return gates, report
