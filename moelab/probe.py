@@ -36,7 +36,7 @@ class RoutingTrace:
     layers: list[int]            # decoder layer index of each MoE block
     expert_ids: np.ndarray       # (tokens, MoE layers, k) int
     expert_weights: np.ndarray   # (tokens, MoE layers, k) float
-    num_prompt_tokens: int       # the tokens before these are the prompt, the rest the answer
+    num_prompt_tokens: int       # the first ones are the prompt, the rest the answer
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -51,10 +51,14 @@ class RoutingTrace:
         top1 = self.expert_ids[:, :, 0]
         return np.stack([(top1 == e).sum(axis=1) for e in range(len(self.expert_names))], axis=1)
 
-    def usage(self, layer_positions: Optional[Sequence[int]] = None) -> np.ndarray:
-        """Share of all token-layer top-k choices that went to each expert, over the given MoE layer positions."""
+    def choice_counts(self, layer_positions: Optional[Sequence[int]] = None) -> np.ndarray:
+        """How many token-layer top-k choices went to each expert, over the given MoE layer positions (default all)."""
         chosen = self.expert_ids if layer_positions is None else self.expert_ids[:, list(layer_positions)]
-        counts = np.bincount(chosen.reshape(-1), minlength=len(self.expert_names)).astype(float)
+        return np.bincount(chosen.reshape(-1), minlength=len(self.expert_names))
+
+    def usage(self, layer_positions: Optional[Sequence[int]] = None) -> np.ndarray:
+        """Each expert's share of the token-layer top-k choices, over the given MoE layer positions."""
+        counts = self.choice_counts(layer_positions)
         return counts / max(counts.sum(), 1)
 
     def usage_per_layer(self) -> np.ndarray:
@@ -312,7 +316,7 @@ def probe_routing(moe: MoeModel, prompts: Sequence[LabelledPrompt], show_progres
     skip = 1 if moe.tokenizer.bos_token_id is not None else 0
     confusion = np.zeros((len(names), len(names)), dtype=np.int64)
     prompt_confusion = np.zeros_like(confusion)
-    usage_counts = np.zeros(len(names))
+    usage_counts = np.zeros(len(names), dtype=np.int64)
     num_tokens = 0
     token_lists = encode_prompts(moe.tokenizer, [p.text for p in prompts])
     for prompt, token_ids in track(list(zip(prompts, token_lists)), description="routing prompts",
@@ -321,7 +325,7 @@ def probe_routing(moe: MoeModel, prompts: Sequence[LabelledPrompt], show_progres
         chosen = trace.top1_counts_per_token().sum(axis=0)
         confusion[index[prompt.expert]] += chosen
         prompt_confusion[index[prompt.expert], chosen.argmax()] += 1
-        usage_counts += trace.usage() * trace.expert_ids.size
+        usage_counts += trace.choice_counts()
         num_tokens += len(trace)
     return ProbeResult(names, confusion, prompt_confusion, usage_counts / usage_counts.sum(), len(prompts), num_tokens)
 

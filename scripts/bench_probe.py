@@ -80,8 +80,8 @@ def main() -> None:
     token_lists = encode_prompts(moe.tokenizer, texts)
 
     def plain_forward(ids):
-        with torch.no_grad():
-            moe.model(torch.tensor([ids], device=moe.device), use_cache=False, logits_to_keep=1)
+        with torch.no_grad():  # reading the logits waits for the GPU, as route_tokens waits for the routing
+            moe.model(torch.tensor([ids], device=moe.device), use_cache=False, logits_to_keep=1).logits.cpu()
 
     results = {"probe": compare([(lambda ids=ids: plain_forward(ids), lambda ids=ids: route_tokens(moe, ids))
                                  for ids in token_lists], args.rounds)}

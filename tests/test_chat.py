@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moelab.chat import ChatSession, GenerationSettings, generate_traced
-from moelab.probe import load_moe, route_tokens
+from rich.console import Console
+
+from moelab.chat import ChatSession, GenerationSettings, generate_traced, probe_view
+from moelab.probe import load_labelled_prompts, load_moe, probe_routing, route_tokens
 from test_probe import FIXTURES, MOE_CONFIGS, make_tiny_moe
 
 SAMPLING = GenerationSettings(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=7)
@@ -92,17 +94,20 @@ def test_cli_interactive_commands(random_moe):
     assert "unknown command /bogus" in result.stdout and "conversation cleared" in result.stdout
 
 
-def test_cli_probe_prints_table_and_json(tmp_path, tiny_tokenizer_dir):
+def test_cli_probe_prints_json_and_the_same_as_a_table(tmp_path, tiny_tokenizer_dir):
     folder = make_tiny_moe(tmp_path / "moe", tiny_tokenizer_dir, "mixtral", layer_shift=0)
     (folder / "moelab.json").write_text(json.dumps({"experts": [{"name": n} for n in ("chat", "math", "code")]}))
     as_json = run_cli("chat", folder, "--probe", FIXTURES / "tiny.yaml", "--json")
     assert as_json.returncode == 0, as_json.stderr
     report = json.loads(as_json.stdout)
     assert report["num_prompts"] == 6 and 0 <= report["accuracy"] <= 1 and report["load_balance_cv"] >= 0
-    as_table = run_cli("chat", folder, "--probe", FIXTURES / "tiny.yaml")
-    assert as_table.returncode == 0, as_table.stderr
-    assert "routing confusion" in as_table.stdout
-    assert f"routing accuracy {report['accuracy']:.1%}" in as_table.stdout
+
+    moe = load_moe(str(folder), device="cpu")
+    console = Console(record=True, width=120)
+    console.print(probe_view(probe_routing(moe, load_labelled_prompts(FIXTURES / "tiny.yaml", moe.expert_names))))
+    table = console.export_text()
+    assert "routing confusion" in table and f"routing accuracy {report['accuracy']:.1%}" in table
+    assert f"coefficient of variation {report['load_balance_cv']:.3f}" in table
 
 
 def test_cli_refuses_a_dense_model_in_one_line(tiny_dense):
