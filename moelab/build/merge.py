@@ -87,13 +87,17 @@ class SharedWeights:
 
     def relative_deltas(self) -> dict[str, float]:
         """Per expert: ||expert - base|| / ||base|| over the shared tensors they both have with equal shapes."""
+        import torch
+
         delta_sq = {expert: 0.0 for expert, _, _ in self.contributors}
         base_sq = dict(delta_sq)
         for name in self.names:
-            base = self.base.get(name).float()
-            base_norm_sq = float(base.square().sum())
+            base = self.base.get(name)
+            base_norm_sq = float(torch.linalg.vector_norm(base, dtype=torch.float32)) ** 2
             for expert, tensors, _ in self.contributors:
                 if name in tensors and tensors.info(name)[0] == tuple(base.shape):
-                    delta_sq[expert] += float((tensors.get(name).float() - base).square().sum())
+                    # Differences of nearby floats are exact in their own dtype; the norm accumulates in float32.
+                    delta = tensors.get(name).to(base.dtype) - base
+                    delta_sq[expert] += float(torch.linalg.vector_norm(delta, dtype=torch.float32)) ** 2
                     base_sq[expert] += base_norm_sq
         return {e: (delta_sq[e] / base_sq[e]) ** 0.5 if base_sq[e] else 0.0 for e in delta_sq}
