@@ -2,13 +2,14 @@
 
 Schema version 1 (all fields always present; JSON null where a value is unknown):
 - schema_version: 1; suite: "nous"; model: local path or Hub repo id; model_name: the folder/repo name;
-  revision: Hub commit or None; content_hash: sha256 of the local weights index/config or None;
+  revision: Hub commit or None; content_hash: for a local folder, sha256 of its JSON files and of each
+  safetensors shard's size and header (cheap, changes with any weight layout/config change), else None;
   recipe: the moelab recipe (dict) when the model was built by moelab, else None.
 - settings: EvalSettings (tasks, num_fewshot per task, limit, backend, device, dtype, batch_size, max_length).
 - results: one TaskResult per task (value and stderr are fractions in 0..1; n = examples scored).
 - groups: {"AGIEval"|"GPT4All"|"TruthfulQA"|"Bigbench": mean of its task values x100, rounded to 2}, only for a
   group whose tasks all ran; average: mean of the four rounded group scores, rounded to 2, only when all four exist.
-- limited: True when --limit capped any task (such scores are not comparable to full runs).
+- limited: True when the run used --limit (such scores are never comparable to full runs).
 - versions: {"moelab", "lm_eval", "torch", "transformers"}; wall_time_s; date (ISO 8601, UTC); gist_id or None.
 """
 
@@ -197,7 +198,8 @@ def report_markdown(report: EvalReport, repo_id: str | None = None) -> str:
         parts.append(f"### {group}\n"
                      + _table(["Task", "Version", "Metric", "Value", "", "Stderr"], rows, right={1, 3, 5})
                      + f"\n\nAverage: {'' if average is None else average}%\n")
-    parts.append(f"Average score: {'Not available (not all four groups ran)' if report.average is None else str(report.average) + '%'}")
+    overall = "Not available (not all four groups ran)" if report.average is None else f"{report.average}%"
+    parts.append(f"Average score: {overall}")
     seconds = int(report.wall_time_s)
     parts.append(f"\nElapsed time: {seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}")
     return "\n".join(parts) + "\n"
