@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,6 +338,8 @@ def save_heatmap(trace: RoutingTrace, path: Path) -> Path:
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
+    from moelab.leaderboard import save_figure_atomic
+
     names, num_layers = trace.expert_names, len(trace.layers)
     chunks = [range(s, min(s + HEATMAP_TOKENS_PER_ROW, len(trace))) for s in range(0, len(trace),
                                                                                       HEATMAP_TOKENS_PER_ROW)]
@@ -381,26 +381,9 @@ def save_heatmap(trace: RoutingTrace, path: Path) -> Path:
                     color="white" if share < 0.6 else "black")
     fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
     fig.tight_layout()
-    return _save_figure_atomically(fig, Path(path))
+    return save_figure_atomic(fig, Path(path))
 
 
 def _token_label(token: str) -> str:
     shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in token)
     return shown if len(shown) <= 12 else shown[:11] + "…"
-
-
-def _save_figure_atomically(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
-    return path
