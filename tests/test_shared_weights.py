@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moelab.build import BuildOptions
 from moelab.build.merge import merge_shared
 from moelab.build.tensors import SafetensorsFolder
 from test_build import assert_one_line_error, build, logits, run_cli, write_recipe
