@@ -25,7 +25,7 @@ SHARED_WEIGHTS = "## Shared weights"
 def model_card(recipe: Recipe, recipe_text: str, architecture: str, notes: list[str],
                shared_deltas: dict[str, float] | None = None, report: EvalReport | None = None,
                repo_id: str | None = None, licenses: dict[str, str | None] | None = None,
-               routing: dict | None = None) -> str:
+               routing: dict | None = None, retention: list[dict] | None = None) -> str:
     """Markdown with YAML front matter: license, base models, tags, the expert table, evaluation, build notes,
     the recipe and usage.
 
@@ -33,6 +33,8 @@ def model_card(recipe: Recipe, recipe_text: str, architecture: str, notes: list[
     `report`: adds an evaluation table and `model-index` results. `repo_id`: the Hub id the usage code loads.
     `licenses`: the license of each source model (None: unknown); looked up locally when not given.
     `routing`: held-out routing quality of gate_mode trained (RouterReport.to_json(), kept in moelab.json).
+    `retention`: per expert domain, base / expert / MoE scores and the share of the expert's gain the MoE keeps
+    (moelab.compare.retention_rows, as `moelab compare` writes it to retention.json).
     """
     sources = _unique([recipe.base_model] + [e.source_model for e in recipe.experts]
                       + [e.source_model for e in recipe.shared_experts or []])
@@ -68,11 +70,22 @@ def model_card(recipe: Recipe, recipe_text: str, architecture: str, notes: list[
            "base's (relative norm of the difference); `base` drops these changes, the merging modes keep them.\n\n"
            f"| expert | change of shared weights |\n|---|---|\n{deltas_md}\n" if deltas_md else "")
         + (_routing_markdown(routing) if routing else "")
+        + (_retention_markdown(retention) if retention else "")
         + (f"{BUILD_NOTES}\n{notes_md}\n" if notes else "")
         + f"## Recipe\n```yaml\n{recipe_text.rstrip()}\n```\n\n"
         + _usage(repo_id)
         + _license_note(licenses, license_id)
     )
+
+
+def _retention_markdown(rows: list[dict]) -> str:
+    from moelab.compare import RETENTION_FLAG, retention_section
+    from moelab.leaderboard import markdown_table
+
+    title, header, body = retention_section(rows)
+    return (f"## {title}\nOn each expert's held-out domain data: the base model, the expert alone and this MoE; "
+            "retention is the share of the expert's gain over the base that the MoE keeps (flagged under "
+            f"{RETENTION_FLAG:.0%}).\n\n{markdown_table(header, body)}\n\n")
 
 
 def _routing_markdown(routing: dict) -> str:

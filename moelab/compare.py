@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moelab.errors import MoelabError
+from moelab.eval.domain import GROUP_PREFIX, lower_is_better
 from moelab.eval.report import EvalReport, write_text_atomic
 from moelab.eval.suite import GROUPS, tasks_of_group
 from moelab.leaderboard import eval_reports_under, markdown_table, rich_table, save_figure_atomic
@@ -15,6 +16,9 @@ from moelab.leaderboard import eval_reports_under, markdown_table, rich_table, s
 # A delta counts as a win or a loss only beyond this many standard errors (two-sided 95%).
 Z_95 = 1.96
 REPORT_FILE = "nous.json"
+RETENTION_FILE = "retention.json"
+# A MoE that keeps less than this share of an expert's gain on the expert's own domain is flagged.
+RETENTION_FLAG = 0.8
 
 
 @dataclass
@@ -45,6 +49,7 @@ class Comparison:
     limited: bool
     warnings: list[str] = field(default_factory=list)
     routing: object = None  # pandas DataFrame (Expert, Domain tokens routed to it, Share of all tokens) or None
+    retention: list[dict] = field(default_factory=list)  # retention_rows(), when the reports have domain tasks
 
     @property
     def tasks(self):
@@ -106,8 +111,9 @@ def check_comparable(moe: ScoredModel, experts: list[ScoredModel]) -> list[str]:
 # ---------------------------------------------------------------- the comparison
 
 
-def compare_reports(moe: ScoredModel, experts: list[ScoredModel], routing=None):
-    """Compare the MoE's report with its experts' reports (same settings, else MoelabError)."""
+def compare_reports(moe: ScoredModel, experts: list[ScoredModel], routing=None, base: ScoredModel | None = None):
+    """Compare the MoE's report with its experts' reports (same settings, else MoelabError); with the base model's
+    report, also how much of each expert's gain on its own domain the MoE keeps."""
     import pandas as pd
 
     if not experts:
@@ -122,8 +128,10 @@ def compare_reports(moe: ScoredModel, experts: list[ScoredModel], routing=None):
 
     rows = []
     for result in moe.report.results:
-        scores = [_percent_pair(tasks[result.task].value, tasks[result.task].stderr) for tasks in by_task]
-        rows.append(_row("task", result.task, result.group, result.metric, names, scores))
+        scale = 1 if lower_is_better(result.metric) else 100  # an NLL is shown as is, a fraction as a percentage
+        scores = [_scaled_pair(tasks[result.task].value, tasks[result.task].stderr, scale) for tasks in by_task]
+        rows.append(_row("task", result.task, result.group, result.metric, names, scores,
+                         lower_better=lower_is_better(result.metric)))
     group_scores = []
     for group in GROUPS:
         ran = [r.task for r in moe.report.results if r.group == group]
@@ -135,10 +143,12 @@ def compare_reports(moe: ScoredModel, experts: list[ScoredModel], routing=None):
         complete = len(ran) == len(tasks_of_group(group))
         rows.append(_row("group", group, group, f"{len(ran)}/{len(tasks_of_group(group))} tasks", names, scores,
                          complete))
-    # AutoEval's overall score is the mean of the rounded group scores; a partial suite averages the groups run.
-    overall = [_mean_with_stderr([(round(s[i][0], 2), s[i][1]) for s in group_scores]) for i in range(len(models))]
-    rows.append(_row("average", "Average", "all", f"{len(group_scores)}/{len(GROUPS)} groups", names, overall,
-                     len(group_scores) == len(GROUPS) and all(r["Complete"] for r in rows if r["Level"] == "group")))
+    if group_scores:  # AutoEval's overall score is the mean of the rounded group scores; a partial suite averages
+        overall = [_mean_with_stderr([(round(s[i][0], 2), s[i][1]) for s in group_scores])
+                   for i in range(len(models))]
+        rows.append(_row("average", "Average", "all", f"{len(group_scores)}/{len(GROUPS)} groups", names, overall,
+                         len(group_scores) == len(GROUPS)
+                         and all(r["Complete"] for r in rows if r["Level"] == "group")))
     table = pd.DataFrame(rows)
 
     outcomes = table.loc[table["Level"] == "task", "Outcome"]
@@ -153,11 +163,16 @@ def compare_reports(moe: ScoredModel, experts: list[ScoredModel], routing=None):
                       verdict=_verdict(table, moe.name, wins, losses, noise, moe.report.settings.limit
                                        if limited else None),
                       wins=wins, losses=losses, within_noise=noise, limited=limited, warnings=warnings,
-                      routing=routing)
+                      routing=routing, retention=retention_rows(base.report, {e.name: e.report for e in experts},
+                                                                moe.report) if base else [])
+
+
+def _scaled_pair(value: float, stderr: float | None, scale: float) -> tuple[float, float | None]:
+    return value * scale, (None if stderr is None or math.isnan(stderr) else stderr * scale)
 
 
 def _percent_pair(value: float, stderr: float | None) -> tuple[float, float | None]:
-    return value * 100, (None if stderr is None or math.isnan(stderr) else stderr * 100)
+    return _scaled_pair(value, stderr, 100)
 
 
 def _mean_with_stderr(pairs: list[tuple[float, float | None]]) -> tuple[float, float | None]:
@@ -169,9 +184,10 @@ def _mean_with_stderr(pairs: list[tuple[float, float | None]]) -> tuple[float, f
 
 
 def _row(level: str, label: str, group: str, metric: str, names: list[str],
-         scores: list[tuple[float, float | None]], complete: bool = True) -> dict:
+         scores: list[tuple[float, float | None]], complete: bool = True, lower_better: bool = False) -> dict:
     (moe_value, moe_se), experts = scores[0], scores[1:]
-    best = max(range(len(experts)), key=lambda i: experts[i][0])
+    sign = -1 if lower_better else 1
+    best = max(range(len(experts)), key=lambda i: sign * experts[i][0])
     best_value, best_se = experts[best]
     delta = moe_value - best_value
     # Unpaired error: the two models answered the same questions, so this overstates the noise (conservative).
@@ -179,7 +195,7 @@ def _row(level: str, label: str, group: str, metric: str, names: list[str],
     if delta_se is None:
         outcome = "n/a"
     elif abs(delta) > Z_95 * delta_se:
-        outcome = "win" if delta > 0 else "loss"
+        outcome = "win" if sign * delta > 0 else "loss"
     else:
         outcome = "within noise"
     return {"Level": level, "Name": label, "Group": group, "Metric": metric,
@@ -205,6 +221,64 @@ def _verdict(table, moe: str, wins: int, losses: int, noise: int, limit: int | N
              + (f", {unknown} without stderr" if unknown else ""))
     caveat = f"; limited run (--limit {limit}), indicative only" if limit is not None else ""
     return f"{lead}{scope}; {tasks}{caveat}."
+
+
+# ---------------------------------------------------------------- retention of the experts' domain skills
+
+
+def retention(base: float, expert: float, moe: float, lower_better: bool = False) -> float | None:
+    """The share of the expert's gain over the base that the MoE keeps: (MoE - base) / (expert - base), or for a
+    lower-is-better metric (base - MoE) / (base - expert). None when the expert gains nothing over the base."""
+    gain, kept = (base - expert, base - moe) if lower_better else (expert - base, moe - base)
+    return kept / gain if gain > 0 else None
+
+
+def retention_rows(base: EvalReport, experts: dict[str, EvalReport], moe: EvalReport) -> list[dict]:
+    """One row per domain task of the MoE's report: base, the domain's expert, MoE and retention.
+
+    A domain's expert is the expert named like the domain (the recipe's eval_data), else the one scoring best on it.
+    """
+    rows = []
+    for result in moe.results:
+        if not result.group.startswith(GROUP_PREFIX):
+            continue
+        lower = lower_is_better(result.metric)
+        scores = {name: r.value for name, report in experts.items() for r in report.results if r.task == result.task}
+        base_value = next((r.value for r in base.results if r.task == result.task), None)
+        if not scores or base_value is None:
+            continue
+        domain = result.group[len(GROUP_PREFIX):]
+        expert = domain if domain in scores else (min if lower else max)(scores, key=scores.get)
+        kept = retention(base_value, scores[expert], result.value, lower)
+        rows.append({"domain": domain, "metric": result.metric, "base": base_value, "expert": expert,
+                     "expert_value": scores[expert], "moe": result.value, "retention": kept,
+                     "flagged": kept is not None and kept < RETENTION_FLAG})
+    return rows
+
+
+def retention_section(rows: list[dict]) -> tuple[str, list[str], list[list[str]]]:
+    """The retention table as (title, header, rows of text), for compare's outputs and the model card."""
+    def value(v: float, metric: str) -> str:
+        return f"{v:.3f}" if lower_is_better(metric) else f"{v * 100:.1f}"
+
+    body = [[r["domain"], r["metric"] + (" (lower is better)" if lower_is_better(r["metric"]) else " (%)"),
+             value(r["base"], r["metric"]), f"{value(r['expert_value'], r['metric'])} ({r['expert']})",
+             value(r["moe"], r["metric"]),
+             "n/a (expert gains nothing)" if r["retention"] is None
+             else f"{r['retention']:.0%}" + (f" ⚠ under {RETENTION_FLAG:.0%}" if r["flagged"] else "")]
+            for r in rows]
+    return ("Retention of each expert's domain skill",
+            ["Domain", "Metric", "Base", "Expert", "MoE", "Retention"], body)
+
+
+def find_base_report(moe: ScoredModel, experts: list[ScoredModel], sources: dict[str, str] | None = None
+                     ) -> ScoredModel | None:
+    """The report of the MoE's base_model among the experts' (its source, by name in `sources` or by report)."""
+    base_ref = (moe.report.recipe or {}).get("base_model")
+    if not base_ref:
+        return None
+    return next((e for e in experts if (sources or {}).get(e.name) == base_ref or _same_model(e.report, base_ref)),
+                None)
 
 
 # ---------------------------------------------------------------- finding reports for a model folder
@@ -280,14 +354,16 @@ def find_folder_reports(model_dir: Path, reports_dir: Path) -> FolderReports:
     return FolderReports(model_dir, moe, experts, missing)
 
 
-def evaluate_missing_experts(found: FolderReports, data_dir: Path | None, device: str) -> FolderReports:
+def evaluate_missing_experts(found: FolderReports, data_dir: Path | None, device: str,
+                             reports_dir: Path = Path("reports")) -> FolderReports:
     """Evaluate each expert without a report, with the MoE report's tasks, few-shot, limit, dtype and max length."""
     from dataclasses import replace
 
     from moelab.build.sources import resolve_model
     from moelab.eval import run_eval
 
-    settings = replace(found.moe.report.settings, device=device, batch_size="auto")
+    settings = replace(found.moe.report.settings, device=device, batch_size="auto",
+                       tasks=expert_tasks(found.moe.report, found.model_dir, reports_dir))
     scored = {e.name: e for e in found.experts}
     by_source: dict[str, ScoredModel] = {}  # experts that share a source model are evaluated once
     for name, source, output in found.missing:
@@ -297,6 +373,21 @@ def evaluate_missing_experts(found: FolderReports, data_dir: Path | None, device
         scored[name] = replace(by_source[source], name=name)
     experts = [scored[name] for name, _ in experts_of_model(found.model_dir)]
     return FolderReports(found.model_dir, found.moe, experts, [])
+
+
+def expert_tasks(moe: EvalReport, model_dir: Path, reports_dir: Path) -> list[str]:
+    """The MoE report's tasks for its experts: domain tasks (from the MoE's recipe) go through a tasks file, written
+    under reports_dir, since an expert's own folder has no recipe naming them."""
+    from moelab.eval.domain import domains_of_recipe, tasks_file_text
+
+    nous = [t for t in moe.settings.tasks if not t.startswith("domain_")]
+    if len(nous) == len(moe.settings.tasks):
+        return nous
+    domains = [t for t in domains_of_recipe(moe.recipe, model_dir, f"{model_dir}/moelab_recipe.yaml")
+               if t.name in moe.settings.tasks]
+    tasks_file = Path(reports_dir) / f"{Path(model_dir).resolve().name}.domains.yaml"
+    write_text_atomic(tasks_file, tasks_file_text(domains))
+    return nous + [str(tasks_file)]
 
 
 def scored_report(path: Path) -> ScoredModel:
@@ -329,21 +420,23 @@ def compare_inputs(inputs: list[Path], reports_dir: Path = Path("reports"), run_
         model_dir = Path(inputs[0])
         found = find_folder_reports(model_dir, reports_dir)
         if found.missing and run_missing:
-            found = evaluate_missing_experts(found, data_dir, device)
+            found = evaluate_missing_experts(found, data_dir, device, reports_dir)
         if found.missing:
             raise MoelabError("no report for expert(s) " + ", ".join(f"{n} ({s})" for n, s, _ in found.missing)
                               + f" under {reports_dir}; add --run-missing to evaluate them with the MoE's settings")
         moe, experts = found.moe, found.experts
+        sources = dict(experts_of_model(model_dir))
     elif len(inputs) >= 2:
         moe, *experts = [scored_report(Path(p)) for p in inputs]
         _name_experts_by_recipe(moe, experts)
         _distinct_names([moe, *experts])
         model_dir = Path(moe.report.model) if Path(moe.report.model).is_dir() else None
+        sources = None
     else:
         raise MoelabError(f"give a MoE report and at least one expert report, or one model folder; got "
                           f"{', '.join(map(str, inputs)) or 'nothing'}")
     routing = routing_shares(probe, model_dir, [e.name for e in experts]) if probe else None
-    return compare_reports(moe, experts, routing)
+    return compare_reports(moe, experts, routing, find_base_report(moe, experts, sources))
 
 
 # ---------------------------------------------------------------- routing shares
@@ -414,6 +507,8 @@ def comparison_sections(comparison: Comparison) -> list[tuple[str, list[str], li
                                           for _, row in frame.iterrows()]
 
     sections = [section("Groups", comparison.groups, "Group"), section("Tasks", comparison.tasks, "Task")]
+    if comparison.retention:
+        sections.append(retention_section(comparison.retention))
     if comparison.routing is not None:
         sections.append(("Routing (probe, % of tokens)", list(comparison.routing.columns),
                          [[_cell(v) for v in row] for row in comparison.routing.itertuples(index=False)]))
@@ -421,8 +516,12 @@ def comparison_sections(comparison: Comparison) -> list[tuple[str, list[str], li
 
 
 def comparison_notes(comparison: Comparison) -> list[str]:
-    return [f"Values are percentages; Delta = {comparison.moe} minus the best expert on that row; ± is its "
-            f"standard error; a win or loss needs |Delta| > {Z_95} ±."] + [f"Warning: {w}." for w in comparison.warnings]
+    notes = [f"Values are percentages (NLL as is); Delta = {comparison.moe} minus the best expert on that row; ± is "
+             f"its standard error; a win or loss needs |Delta| > {Z_95} ±."]
+    if comparison.retention:
+        notes.append("Retention = (MoE - base) / (expert - base), the share of the expert's gain on its own domain "
+                     f"that the MoE keeps (for NLL, (base - MoE) / (base - expert)); ⚠ under {RETENTION_FLAG:.0%}.")
+    return notes + [f"Warning: {w}." for w in comparison.warnings]
 
 
 def comparison_markdown(comparison: Comparison) -> str:
@@ -444,7 +543,7 @@ def comparison_view(comparison: Comparison):
 
 
 def plot_comparison(comparison: Comparison, path: Path) -> Path:
-    """One panel per group (and the Average): a bar per model with its standard error."""
+    """One panel per group (and the Average): a bar per model with its standard error; then retention per domain."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -452,7 +551,8 @@ def plot_comparison(comparison: Comparison, path: Path) -> Path:
 
     models = [comparison.moe, *comparison.experts]
     rows = comparison.groups
-    figure, axes = plt.subplots(1, len(rows), figsize=(min(2.5 + 0.7 * len(models) * len(rows), 20), 4.2), sharey=True,
+    panels = len(rows) + bool(comparison.retention)
+    figure, axes = plt.subplots(1, panels, figsize=(min(2.5 + 0.7 * len(models) * panels, 20), 4.2),
                                 squeeze=False, layout="constrained")
     colors = ["black"] + [plt.get_cmap("tab10")(i) for i in range(len(comparison.experts))]
     for axis, (_, row) in zip(axes[0], rows.iterrows()):
@@ -464,16 +564,31 @@ def plot_comparison(comparison: Comparison, path: Path) -> Path:
         axis.set_xticks([])
         mark = {"win": " ▲", "loss": " ▼"}.get(row["Outcome"], "")
         axis.set_title(f"{row['Name']}{mark}\n({row['Metric']})", fontsize=9)
-    axes[0][0].set_ylabel("score (%)")
-    axes[0][0].set_ylim(0, 105)
+        axis.set_ylim(0, 105)
+    if len(rows):
+        axes[0][0].set_ylabel("score (%)")
+    if comparison.retention:
+        _plot_retention(axes[0][-1], comparison.retention)
     shares = {} if comparison.routing is None else dict(zip(comparison.routing["Expert"],
                                                              comparison.routing["Share of all tokens"]))
     labels = [f"{comparison.moe} (MoE)"] + [f"{m} (gets {shares[m]:.0f}% of tokens)" if m in shares else m
                                             for m in comparison.experts]
-    figure.legend(bars, labels, loc="outside lower center", ncols=len(models), fontsize=8)
+    if len(rows):
+        figure.legend(bars, labels, loc="outside lower center", ncols=len(models), fontsize=8)
     figure.suptitle(f"{comparison.moe} vs its experts (▲/▼: MoE significantly above/below the best expert)",
                     fontsize=10)
     return save_figure_atomic(figure, path)
+
+
+def _plot_retention(axis, rows: list[dict]) -> None:
+    kept = [0.0 if r["retention"] is None else r["retention"] * 100 for r in rows]
+    bars = axis.bar(range(len(rows)), kept, color=["tab:red" if r["flagged"] else "tab:green" for r in rows])
+    axis.bar_label(bars, labels=["n/a" if r["retention"] is None else f"{k:.0f}%" for r, k in zip(rows, kept)],
+                   fontsize=9)
+    axis.axhline(RETENTION_FLAG * 100, color="gray", linestyle="--", linewidth=1)
+    axis.set_xticks(range(len(rows)), [r["domain"] for r in rows], fontsize=9)
+    axis.set_ylim(min(0, *kept) - 5, max(110, *kept) + 10)
+    axis.set_title(f"Retention of expert gain\n(% kept; dashed: {RETENTION_FLAG:.0%})", fontsize=9)
 
 
 def comparison_csv(comparison: Comparison) -> str:
@@ -481,8 +596,13 @@ def comparison_csv(comparison: Comparison) -> str:
 
 
 def write_comparison(comparison: Comparison, out_dir: Path) -> list[Path]:
-    """compare.md, compare.csv and compare.png in `out_dir`, each written atomically."""
+    """compare.md, compare.csv, compare.png and (with domain tasks) retention.json in `out_dir`, each written
+    atomically; `moelab publish --report` puts retention.json from reports/<moe>/compare/ into the card."""
     out_dir = Path(out_dir)
     write_text_atomic(out_dir / "compare.md", comparison_markdown(comparison))
     write_text_atomic(out_dir / "compare.csv", comparison_csv(comparison))
-    return [out_dir / "compare.md", out_dir / "compare.csv", plot_comparison(comparison, out_dir / "compare.png")]
+    written = [out_dir / "compare.md", out_dir / "compare.csv", plot_comparison(comparison, out_dir / "compare.png")]
+    if comparison.retention:
+        write_text_atomic(out_dir / RETENTION_FILE, json.dumps(comparison.retention, indent=2) + "\n")
+        written.append(out_dir / RETENTION_FILE)
+    return written

@@ -79,7 +79,7 @@ def plan_model_upload(model_dir: Path, repo: str, private: bool = False, report:
     notes, shared_deltas = build_details(old_card)
     eval_report = _load_report(report)
     card = model_card(recipe, recipe_text, meta["architecture"], notes, shared_deltas, report=eval_report,
-                      repo_id=repo, routing=meta.get("routing"))
+                      repo_id=repo, routing=meta.get("routing"), retention=_load_retention(report))
     paths = [p for p in sorted(model_dir.rglob("*")) if p.is_file() and not _is_hidden(p.relative_to(model_dir))]
     files = [LocalFile(p.relative_to(model_dir).as_posix(), p.stat().st_size, p)
              for p in paths if p != model_dir / "README.md"]
@@ -275,6 +275,16 @@ def _byte_progress(shown: bool, total_bytes: int) -> Iterator[Callable[[int], No
                   console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("upload", total=total_bytes)
         yield lambda n: bar.advance(task, n)
+
+
+def _load_retention(report: Any) -> list[dict] | None:
+    """The retention table `moelab compare` wrote beside the report (reports/<moe>/compare/retention.json)."""
+    from moelab.compare import RETENTION_FILE
+
+    if not isinstance(report, (str, Path)):
+        return None
+    path = Path(report).parent / "compare" / RETENTION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _load_report(report: Any):

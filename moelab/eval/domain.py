@@ -183,6 +183,17 @@ def split_selection(words: list[str], model_dir: Path | None, recipe: dict | Non
     return nous, domains
 
 
+def tasks_file_text(tasks: list[DomainTask]) -> str:
+    """A tasks file (YAML) that gives these domain tasks again, e.g. to evaluate a MoE's experts as the MoE was."""
+    import yaml
+
+    return yaml.safe_dump({t.domain: {"path": t.data_file, "kind": t.kind, "limit": t.items,
+                                      "question_field": t.question_field, "answer_field": t.answer_field,
+                                      "answer_pattern": t.answer_pattern, "max_new_tokens": t.max_new_tokens,
+                                      "text_field": t.text_field, "tokens": t.tokens} for t in tasks},
+                          sort_keys=False)
+
+
 # ---------------------------------------------------------------- lm-eval task configs
 
 
