@@ -14,6 +14,7 @@ from pathlib import Path
 from moelab.errors import MoelabError
 from moelab.eval.report import (EvalReport, EvalSettings, TaskResult, group_scores, overall_average,
                                 write_text_atomic)
+from moelab.eval.domain import DomainTask, domain_task_config, split_selection
 from moelab.eval.suite import NOUS_TASKS, SuiteTask
 
 # On CPU lm-eval's "auto" batch probe runs five full-length forwards at batch 64: slower than the eval itself.
@@ -178,6 +179,7 @@ def task_fingerprint(model: str, content_hash: str | None, settings: EvalSetting
     """What a cached task result depends on; a cached result with another fingerprint is recomputed."""
     data_file = data_dir / task.data_file if data_dir else None
     key = {"model": model, "content_hash": content_hash, "task": task.name, "num_fewshot": task.num_fewshot,
+           "domain": asdict(task) if isinstance(task, DomainTask) else None,
            "limit": settings.limit, "backend": settings.backend, "dtype": settings.dtype,
            "max_length": settings.max_length,
            "data": [str(data_file.resolve()), data_file.stat().st_size] if data_file else None}
@@ -229,7 +231,8 @@ def evaluate_task(lm, task: SuiteTask, settings: EvalSettings, data_dir: Path | 
     numpy.random.seed(1234)
     torch.manual_seed(1234)
     try:
-        loaded = task_manager.load([task_config(task, data_dir)])
+        loaded = task_manager.load([domain_task_config(task, lm.tokenizer) if isinstance(task, DomainTask)
+                                    else task_config(task, data_dir)])
         for lm_eval_task in loaded["tasks"].values():
             lm_eval_task.set_fewshot_seed(seed=1234)
         return task_result(task, evaluate(lm=lm, task_dict=loaded, limit=settings.limit, log_samples=False))
@@ -279,13 +282,15 @@ def run_eval(model: str, settings: EvalSettings, data_dir: Path | None, output: 
     from moelab.eval.suite import select_tasks
 
     started = time.perf_counter()
-    tasks = select_tasks(",".join(settings.tasks))
+    model_name, content_hash, recipe = model_identity(model)
+    nous_words, domain_tasks = split_selection(
+        settings.tasks, Path(model).expanduser() if Path(model).expanduser().is_dir() else None, recipe)
+    tasks = (select_tasks(",".join(nous_words)) if nous_words or not domain_tasks else []) + domain_tasks
     output = Path(output)
     data_dir = Path(data_dir).expanduser() if data_dir is not None else None
     if data_dir is not None:
-        check_data_files(tasks, data_dir)
+        check_data_files([t for t in tasks if isinstance(t, SuiteTask)], data_dir)
     check_writable(output)
-    model_name, content_hash, recipe = model_identity(model)
     settings = resolve_settings(replace(settings, tasks=[t.name for t in tasks],
                                         num_fewshot={t.name: t.num_fewshot for t in tasks}))
 
