@@ -97,8 +97,8 @@ def markdown(rows: list[dict], limit: int | None, device: str) -> str:
     def kept(value: float | None) -> str:
         return "" if value is None else f"{value:.0%}"
 
-    lines = [f"Held-out items per domain: {limit or 'all 100'}; device {device}. Retention = share of the expert's gain "
-             "over the base kept on its own domain.", "",
+    lines = [f"Held-out items per domain: {limit or 'all 100'}; device {device}. Retention = share of the expert's "
+             "gain over the base kept on its own domain.", "",
              "| model | math exact | math retention | code NLL | code retention |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['model']} | {r['math']:.2f} | {kept(r['math retention'])} | {r['code']:.3f} "
               f"| {kept(r['code retention'])} |" for r in rows]

@@ -16,8 +16,7 @@ from moelab.publish import plan_model_upload
 from moelab.recipe import parse_recipe
 
 RECIPE = {"name": "moe", "base_model": "/models/chat", "gate_mode": "random",
-          "experts": [{"name": "chat", "source_model": "/models/chat"}, {"name": "math", "source_model": "/models/math"},
-                      {"name": "code", "source_model": "/models/code"}]}
+          "experts": [{"name": name, "source_model": f"/models/{name}"} for name in ("chat", "math", "code")]}
 
 
 def report(name: str, navigate: float, math: float, code_nll: float) -> EvalReport:
@@ -29,7 +28,8 @@ def report(name: str, navigate: float, math: float, code_nll: float) -> EvalRepo
 
 
 # The figures: base 0.00 / expert 0.60 on math; NLL base 2.008 / code expert 0.850.
-CHAT, MATH, CODE = report("chat", 0.50, 0.00, 2.008), report("math", 0.52, 0.60, 2.327), report("code", 0.49, 0.0, 0.850)
+CHAT, MATH, CODE = (report("chat", 0.50, 0.00, 2.008), report("math", 0.52, 0.60, 2.327),
+                    report("code", 0.49, 0.0, 0.850))
 MOE = report("moe", 0.51, 0.30, 1.008)
 
 

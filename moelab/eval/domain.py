@@ -80,8 +80,8 @@ class DomainTask:
         return GROUP_PREFIX + self.domain
 
     @property
-    def metric(self) -> str:
-        return "exact_match" if self.kind == "exact_match" else "nll"
+    def metric(self) -> str:  # the kind names the metric
+        return self.kind
 
     lm_eval_metric = metric
 
@@ -166,7 +166,8 @@ def domains_of_file(path: Path) -> list[DomainTask]:
     return [domain_task(str(name), spec, path.parent, str(path)) for name, spec in data.items()]
 
 
-def split_selection(words: list[str], model_dir: Path | None, recipe: dict | None) -> tuple[list[str], list[DomainTask]]:
+def split_selection(words: list[str], model_dir: Path | None, recipe: dict | None
+                    ) -> tuple[list[str], list[DomainTask]]:
     """Separate --tasks words into Nous words and domain tasks (a `.yaml` tasks file, or `domains` for the
     eval_data of the model's own recipe)."""
     nous, domains = [], []
