@@ -1,0 +1,366 @@
+"""The whole lab loop as data: build -> routing probe -> eval of the MoE and its experts -> compare -> reports."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from moelab.errors import MoelabError
+
+PACKAGE_DIR = Path(__file__).parent
+DEMO_RECIPE = PACKAGE_DIR / "recipes" / "demo-smollm2.yaml"
+DEMO_PROBE = PACKAGE_DIR / "data" / "probe" / "demo.yaml"
+DEMO_DATA_DIR = PACKAGE_DIR / "data"  # holds bigbench/: the shipped subset of the Nous BIG-bench tasks
+# The shipped subset also has bigbench_date_understanding (about 6 choices per example: slower).
+DEMO_TASKS = ("bigbench_logical_deduction_three_objects", "bigbench_navigate", "bigbench_snarks",
+              "bigbench_sports_understanding")
+DEMO_LIMIT = 6
+STAMPS_FILE = "run.json"  # stage name -> key of the inputs its outputs were made from
+# CPU seconds measured with SmolLM2-135M in float32 (`moelab demo`, 2 cores): one loglikelihood request (prompt +
+# one choice) of a short BIG-bench task, model loading included; and the rest of a fresh demo (build, probe).
+# On 2 idle cores the wall time is at most the CPU time; cores shared with other work stretch it.
+CPU_SECONDS_PER_REQUEST = 0.9
+FIXED_CPU_SECONDS = 90
+TIME_BUDGET_S = 600
+
+
+@dataclass
+class RunConfig:
+    """What `moelab run` does: the recipe, where everything goes, and the eval settings shared by all models."""
+
+    recipe: Path
+    out: Path
+    tasks: list[str]
+    limit: Optional[int] = None
+    data_dir: Optional[Path] = None  # None: lm-eval downloads the task data from the Hub
+    probe: Optional[Path] = None  # labelled prompts; None: <recipe>.probe.yaml beside the recipe, else none
+    device: str = "auto"
+    remote: Optional[str] = None  # "runpod": also evaluate the MoE on a rented GPU (needs --publish for the upload)
+    publish: Optional[str] = None  # Hub repo to upload the MoE to at the end
+
+
+@dataclass
+class Stage:
+    """One step of the loop. It is skipped when its outputs exist and `key()` (a digest of what they depend on:
+    recipe hash, model content hash, eval settings, input reports) equals the key stored when they were made."""
+
+    name: str
+    summary: str
+    outputs: list[Path]
+    key: Callable[[], str]
+    run: Callable[[], None]
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    status: str  # "ran" | "up to date"
+    seconds: float
+    outputs: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class RunPaths:
+    """Where the loop writes: everything lives under `out`."""
+
+    out: Path
+    moe_name: str
+
+    @property
+    def model_dir(self) -> Path:
+        return self.out / self.moe_name
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.out / "reports"
+
+    @property
+    def moe_report(self) -> Path:
+        return self.reports_dir / self.moe_name / "nous.json"
+
+    @property
+    def probe_json(self) -> Path:
+        return self.out / "probe.json"
+
+    @property
+    def heatmap(self) -> Path:
+        return self.out / "routing.png"
+
+    @property
+    def compare_dir(self) -> Path:
+        return self.out / "compare"
+
+    @property
+    def report_markdown(self) -> Path:
+        return self.out / f"{self.moe_name}-Nous.md"
+
+    @property
+    def leaderboard_dir(self) -> Path:
+        return self.out / "leaderboard"
+
+    @property
+    def remote_report(self) -> Path:
+        return self.reports_dir / f"{self.moe_name}.runpod" / "nous.json"
+
+
+def digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(*paths: Path) -> str:
+    return digest(*(hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths))
+
+
+def probe_file_for(config: RunConfig) -> Optional[Path]:
+    """The labelled prompts of the routing probe: --probe, else <recipe stem>.probe.yaml beside the recipe."""
+    if config.probe is not None:
+        if not Path(config.probe).is_file():
+            raise MoelabError(f"--probe {config.probe} is not a file; give a YAML/JSONL of {{expert, text}}")
+        return Path(config.probe)
+    beside = Path(config.recipe).with_suffix(".probe.yaml")
+    return beside if beside.is_file() else None
+
+
+def plan_stages(config: RunConfig) -> list[Stage]:
+    """The loop for `config`, in order. Nothing runs here; keys are computed when a stage is reached."""
+    from moelab.eval import EvalSettings
+    from moelab.recipe import load_recipe
+
+    recipe, recipe_text = load_recipe(config.recipe)
+    if config.remote not in (None, "runpod"):
+        raise MoelabError(f"--remote {config.remote} is not supported; use --remote runpod")
+    paths = RunPaths(Path(config.out), recipe.name or Path(config.recipe).stem)
+    settings = EvalSettings(tasks=list(config.tasks), limit=config.limit, device=config.device)
+    data_files = _data_files(config)
+    eval_key = [settings.tasks, settings.limit, [[str(p), p.stat().st_size] for p in data_files]]
+    probe_file = probe_file_for(config)
+    model_hash = lambda: _model_hash(paths.model_dir)  # noqa: E731 - only known once the build stage ran
+
+    stages = [Stage("build", f"merge {len(recipe.experts)} experts into {paths.model_dir}",
+                    [paths.model_dir / "moelab.json"], lambda: digest(recipe_text),
+                    lambda: _build(recipe, recipe_text, config, paths))]
+    if probe_file is not None:
+        stages.append(Stage("probe", f"route the labelled prompts of {probe_file.name}",
+                            [paths.probe_json, paths.heatmap], lambda: digest(model_hash(), file_digest(probe_file)),
+                            lambda: _probe(paths, probe_file, config.device)))
+    stages += [
+        Stage("eval MoE", f"{','.join(settings.tasks)}, limit {config.limit}", [paths.moe_report],
+              lambda: digest(model_hash(), eval_key), lambda: _eval_moe(paths, settings, config.data_dir)),
+        Stage("eval experts", "each distinct expert, same settings", _expert_reports(recipe, paths),
+              lambda: digest([e.source_model for e in recipe.experts], eval_key),
+              lambda: _eval_experts(paths, config)),
+        Stage("compare", "MoE vs its experts", [paths.compare_dir / n for n in ("compare.md", "compare.csv",
+                                                                               "compare.png")],
+              lambda: file_digest(*_report_files(paths), *([paths.probe_json] if probe_file else [])),
+              lambda: _compare(paths, probe_file is not None)),
+        Stage("report", "Nous report markdown", [paths.report_markdown],
+              lambda: file_digest(paths.moe_report), lambda: _report_markdown(paths)),
+        Stage("leaderboard", "the MoE's leaderboard row",
+              [paths.leaderboard_dir / n for n in ("leaderboard.md", "leaderboard.csv", "leaderboard.png")],
+              lambda: file_digest(paths.moe_report), lambda: _leaderboard(paths)),
+    ]
+    if config.remote:
+        stages.append(Stage("eval remote", f"the MoE on a {config.remote} GPU pod", [paths.remote_report],
+                            lambda: digest(model_hash(), settings.tasks, settings.limit),
+                            lambda: _eval_remote(paths, settings, config.publish)))
+    if config.publish:
+        stages.append(Stage("publish", f"upload the MoE to {config.publish}", [],
+                            lambda: digest(model_hash(), file_digest(paths.moe_report), config.publish),
+                            lambda: _publish(paths, config.publish)))
+    return stages
+
+
+def run_stages(stages: list[Stage], out: Path, on_start: Callable[[Stage], None] = lambda s: None,
+               on_done: Callable[[StageOutcome], None] = lambda o: None) -> list[StageOutcome]:
+    """Run each stage whose outputs are missing or stale; record its key once it succeeds, so a re-run after a
+    failure starts at the failed stage."""
+    from moelab.eval.report import write_text_atomic
+
+    stamps_file = Path(out) / STAMPS_FILE
+    stamps = json.loads(stamps_file.read_text()) if stamps_file.is_file() else {}
+    outcomes = []
+    for stage in stages:
+        started = time.perf_counter()
+        on_start(stage)
+        if all(p.exists() for p in stage.outputs) and stage.name in stamps and stamps[stage.name] == stage.key():
+            outcome = StageOutcome(stage.name, "up to date", 0.0, stage.outputs)
+        else:
+            stamps.pop(stage.name, None)
+            stage.run()
+            stamps[stage.name] = stage.key()
+            write_text_atomic(stamps_file, json.dumps(stamps, indent=1) + "\n")
+            outcome = StageOutcome(stage.name, "ran", time.perf_counter() - started, stage.outputs)
+        outcomes.append(outcome)
+        on_done(outcome)
+    return outcomes
+
+
+# ---------------------------------------------------------------- the stages' work: calls into the other modules
+
+
+def _build(recipe, recipe_text: str, config: RunConfig, paths: RunPaths) -> None:
+    from moelab.build import BuildOptions, build_moe, is_up_to_date
+
+    if not is_up_to_date(paths.model_dir, recipe_text):
+        build_moe(recipe, recipe_text, paths.model_dir, BuildOptions(device=config.device, force=True),
+                  recipe_dir=Path(config.recipe).parent)
+
+
+def _model_hash(model_dir: Path) -> Optional[str]:
+    from moelab.eval.local import model_identity
+
+    return model_identity(str(model_dir))[1] if model_dir.is_dir() else None
+
+
+def heatmap_text(prompts) -> str:
+    """One prompt of each expert's domain in a row, so the heatmap shows the router switching between them."""
+    first = {}
+    for prompt in prompts:
+        first.setdefault(prompt.expert, prompt.text)
+    return "\n\n".join(first.values())
+
+
+def _probe(paths: RunPaths, probe_file: Path, device: str) -> None:
+    from moelab.build.gates import encode_prompts
+    from moelab.eval.report import write_text_atomic
+    from moelab.probe import load_labelled_prompts, load_moe, probe_routing, route_tokens, save_heatmap
+
+    moe = load_moe(str(paths.model_dir), device)
+    prompts = load_labelled_prompts(probe_file, moe.expert_names)
+    result = probe_routing(moe, prompts, show_progress=True)
+    save_heatmap(route_tokens(moe, encode_prompts(moe.tokenizer, [heatmap_text(prompts)])[0]), paths.heatmap)
+    write_text_atomic(paths.probe_json, json.dumps({"prompts": str(probe_file), **result.to_json()}, indent=1))
+
+
+def _eval_moe(paths: RunPaths, settings, data_dir: Optional[Path]) -> None:
+    from moelab.eval import run_eval
+
+    run_eval(str(paths.model_dir), settings, data_dir, paths.moe_report)
+
+
+def _eval_experts(paths: RunPaths, config: RunConfig) -> None:
+    """Every expert again (their source or the settings changed): compare's --run-missing, with all missing."""
+    from moelab.compare import (FolderReports, evaluate_missing_experts, experts_of_model, find_folder_reports,
+                                report_path_for)
+
+    found = find_folder_reports(paths.model_dir, paths.reports_dir)
+    everyone = [(name, source, report_path_for(source, paths.reports_dir, paths.moe_name, name))
+                for name, source in experts_of_model(paths.model_dir)]
+    evaluate_missing_experts(FolderReports(paths.model_dir, found.moe, [], everyone), config.data_dir, config.device,
+                             paths.reports_dir)
+
+
+def _expert_reports(recipe, paths: RunPaths) -> list[Path]:
+    """Where compare's --run-missing writes expert reports: one per distinct source, named by its first expert."""
+    from moelab.compare import report_path_for
+
+    first = {}
+    for name, expert in zip(recipe.expert_names(), recipe.experts):
+        first.setdefault(expert.source_model, report_path_for(expert.source_model, paths.reports_dir,
+                                                              paths.moe_name, name))
+    return list(first.values())
+
+
+def _report_files(paths: RunPaths) -> list[Path]:
+    """The MoE's report, then its experts' reports (compare's lookup under our reports folder)."""
+    from moelab.compare import find_folder_reports
+
+    found = find_folder_reports(paths.model_dir, paths.reports_dir)
+    return [Path(found.moe.source)] + sorted({Path(e.source) for e in found.experts})
+
+
+def _compare(paths: RunPaths, with_probe: bool) -> None:
+    from moelab.compare import compare_inputs, write_comparison
+
+    comparison = compare_inputs([paths.model_dir], paths.reports_dir,
+                                probe=paths.probe_json if with_probe else None)
+    write_comparison(comparison, paths.compare_dir)
+
+
+def _report_markdown(paths: RunPaths) -> None:
+    from moelab.eval.report import EvalReport, report_markdown, write_text_atomic
+
+    write_text_atomic(paths.report_markdown, report_markdown(EvalReport.load(paths.moe_report)))
+
+
+def _leaderboard(paths: RunPaths) -> None:
+    from moelab.leaderboard import collect_entries, leaderboard_table, write_leaderboard
+
+    # The MoE only: experts evaluated from derived sources (GGUF, LoRA) carry cache-folder names.
+    write_leaderboard(leaderboard_table(collect_entries([str(paths.moe_report)])), paths.leaderboard_dir)
+
+
+def _eval_remote(paths: RunPaths, settings, push: Optional[str]) -> None:
+    from moelab.eval.remote import RemoteOptions, Secrets, run_remote_eval
+
+    run_remote_eval(str(paths.model_dir), settings, paths.remote_report, RemoteOptions(), Secrets.from_env(), push)
+
+
+def _publish(paths: RunPaths, repo: str) -> None:
+    from moelab.publish import publish_model
+
+    publish_model(paths.model_dir, repo, None, report=paths.moe_report, show_progress=True)
+
+
+def nous_tasks(config: RunConfig):
+    """The Nous tasks of --eval-tasks, without domain tasks (`domains`: the recipe's eval_data, or a tasks .yaml),
+    which the eval stages pass through to run_eval and compare's retention table."""
+    from moelab.eval.domain import TASKS_FROM_RECIPE
+    from moelab.eval.suite import select_tasks
+
+    words = [w for w in config.tasks if w.strip().lower() != TASKS_FROM_RECIPE
+             and not w.strip().lower().endswith((".yaml", ".yml"))]
+    return select_tasks(",".join(words)) if words else []
+
+
+def _data_files(config: RunConfig) -> list[Path]:
+    """The local task files the eval reads (their size goes into the eval key), checked up front."""
+    if config.data_dir is None:
+        return []
+    from moelab.eval.local import check_data_files
+
+    tasks = nous_tasks(config)
+    check_data_files(tasks, Path(config.data_dir))
+    return [Path(config.data_dir) / t.data_file for t in tasks]
+
+
+# ---------------------------------------------------------------- the demo
+
+
+def demo_config(out: Path, limit: int = DEMO_LIMIT, tasks: Optional[list[str]] = None,
+                device: str = "auto") -> RunConfig:
+    return RunConfig(DEMO_RECIPE, Path(out), list(tasks or DEMO_TASKS), limit, DEMO_DATA_DIR, DEMO_PROBE, device)
+
+
+@dataclass
+class RunEstimate:
+    models: int  # the MoE and each distinct expert
+    requests_per_model: int  # loglikelihood requests: examples x choices
+    seconds: float
+
+    @property
+    def over_budget(self) -> bool:
+        return self.seconds > TIME_BUDGET_S
+
+
+def estimate_run(config: RunConfig) -> Optional[RunEstimate]:
+    """A fresh run's time on 2 CPU cores, from the examples and choices it will score (None without local data;
+    domain tasks not counted)."""
+    from moelab.recipe import load_recipe
+
+    if config.data_dir is None:
+        return None
+    recipe, _ = load_recipe(config.recipe)
+    models = 1 + len({e.source_model for e in recipe.experts})
+    requests = 0
+    for task in nous_tasks(config):
+        with (Path(config.data_dir) / task.data_file).open() as rows:
+            for n, line in enumerate(rows):
+                if config.limit is not None and n >= config.limit:
+                    break
+                requests += len(json.loads(line)["multiple_choice_targets"])
+    return RunEstimate(models, requests, FIXED_CPU_SECONDS + models * requests * CPU_SECONDS_PER_REQUEST)
