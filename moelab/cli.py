@@ -12,6 +12,7 @@ from rich.console import Console
 
 from moelab.errors import MoelabError
 from moelab.eval.remote import DEFAULT_GPU, DEFAULT_IMAGE, DEFAULT_INSTALL  # light: defaults for --help
+from moelab.run import DEMO_LIMIT  # light: a default for --help
 
 app = typer.Typer(
     help="Build Mixture-of-Experts models from dense fine-tunes, then probe, evaluate, compare and publish them.",
@@ -69,25 +70,6 @@ def routing_table(report):
     table.add_row("overall", f"{report.hidden.overall:.3f}", f"{report.trained.overall:.3f}", style="bold")
     table.add_row("imbalance (CV)", f"{report.hidden.balance_cv:.3f}", f"{report.trained.balance_cv:.3f}")
     return table
-
-
-@app.command()
-def demo(
-    out: Path = typer.Option(Path("out/demo"), help="Where the demo MoE is written."),
-    device: str = typer.Option("auto", help="Where the router hidden-state pass runs: cpu, cuda or auto."),
-):
-    """Build the embedded offline demo: a 3-expert MoE (chat, math, code) from SmolLM2-135M-Instruct."""
-    from moelab.build import BuildOptions, build_moe, is_up_to_date
-    from moelab.recipe import load_recipe
-
-    recipe_path = Path(__file__).parent / "recipes" / "demo-smollm2.yaml"
-    parsed, text = load_recipe(recipe_path)
-    if is_up_to_date(out, text):
-        console.print(f"[green]up to date[/green]: {out} was built from this recipe")
-    else:
-        result = build_moe(parsed, text, out, BuildOptions(device=device, force=True), recipe_dir=recipe_path.parent)
-        console.print(f"[green]built[/green] {result.architecture} with {result.num_experts} experts at {out}")
-    console.print(f"next: moelab chat {out} --prompt 'What is 12, then times 3?'")
 
 
 @app.command()
@@ -180,7 +162,8 @@ def leaderboard(
 def eval_command(
     model: str = typer.Argument(..., help="Model folder (e.g. from moelab build) or Hub repo id."),
     tasks: str = typer.Option("all", help="Comma list of groups (AGIEval, GPT4All, TruthfulQA, Bigbench) and/or "
-                                          "tasks (e.g. bigbench_navigate,truthfulqa_mc)."),
+                                          "tasks (e.g. bigbench_navigate,truthfulqa_mc); 'domains' for the "
+                                          "eval_data of the model's recipe experts, or a domain tasks FILE.yaml."),
     limit: Optional[int] = typer.Option(None, help="At most N examples per task (a smoke test; marked as limited)."),
     data_dir: Optional[Path] = typer.Option(None, help="Offline task data: bigbench/<task>.jsonl, agieval/, "
                                                        "gpt4all/, truthfulqa/ (default: download from the Hub)."),
@@ -318,6 +301,90 @@ def publish(
     else:
         console.print(f"[green]published[/green] {len(upload.uploaded)} file(s) to {upload.repo_url} "
                       f"({len(upload.unchanged)} unchanged): {upload.commit_url}", highlight=False)
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe YAML to build, probe, evaluate, compare and report on."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the model and every report (default: "
+                                                  "reports/<recipe name>)."),
+    eval_tasks: str = typer.Option("Bigbench", help="Comma list of groups and/or tasks, as moelab eval --tasks."),
+    limit: Optional[int] = typer.Option(None, help="At most N examples per task (a smoke test; marked as limited)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Offline task data, as moelab eval --data-dir (default: the "
+                                                       "Hub)."),
+    probe: Optional[Path] = typer.Option(None, help="Labelled prompts (YAML/JSONL of expert, text) for the routing "
+                                                    "probe (default: RECIPE's <stem>.probe.yaml, if present)."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    remote: Optional[str] = typer.Option(None, help="Also evaluate the MoE on a rented GPU: runpod (needs --publish "
+                                                    "for the upload, RUNPOD_API_KEY and GITHUB_TOKEN)."),
+    publish: Optional[str] = typer.Option(None, help="Upload the MoE to this Hub repo (user/name) at the end "
+                                                     "(HF_TOKEN)."),
+):
+    """The whole loop: build, routing probe, eval of the MoE and its experts, compare, reports; skips what is done.
+
+    A stage whose outputs were made from the same recipe, model and settings is skipped, so a re-run after a
+    failure continues where it stopped."""
+    from moelab.recipe import load_recipe
+    from moelab.run import RunConfig
+
+    name = load_recipe(recipe)[0].name or recipe.stem
+    run_loop(RunConfig(recipe, out or Path("reports") / name, eval_tasks.split(","), limit, data_dir, probe, device,
+                       remote, publish))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("reports/demo"), help="Folder for the demo MoE and every report."),
+    limit: int = typer.Option(DEMO_LIMIT, help="Examples per task (the shipped BIG-bench subset)."),
+    eval_tasks: Optional[str] = typer.Option(None, help="Comma list of tasks (default: the shipped subset)."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+):
+    """The whole loop offline: a 3-expert MoE (chat, math, code) from SmolLM2-135M-Instruct vs its experts.
+
+    Evaluated on a BIG-bench subset shipped with moelab, in minutes on a CPU; writes reports/demo/."""
+    from moelab.run import demo_config
+
+    run_loop(demo_config(out, limit, eval_tasks.split(",") if eval_tasks else None, device))
+
+
+def run_loop(config) -> None:
+    """`run` and `demo`: the time estimate, one line per stage, then the results and where every artifact is."""
+    import time
+
+    from rich.console import Console as StdoutConsole
+    from rich.markdown import Markdown
+    from rich.table import Table
+
+    from moelab.run import TIME_BUDGET_S, estimate_run, plan_stages, run_stages
+
+    stages = plan_stages(config)
+    estimate = estimate_run(config)
+    if estimate is not None:
+        console.print(f"{estimate.models} models x {estimate.requests_per_model} scored choices each: about "
+                      f"{estimate.seconds / 60:.0f} min on 2 idle CPU cores from scratch (more when they are busy)",
+                      highlight=False)
+        if estimate.over_budget:
+            console.print(f"[yellow]warning:[/yellow] that is over {TIME_BUDGET_S // 60} min; lower --limit or "
+                          "drop tasks for a quicker run")
+    started, cpu_started = time.perf_counter(), time.process_time()
+    outcomes = run_stages(stages, config.out,
+                          on_start=lambda s: console.print(f"[bold]>[/bold] {s.name}: {s.summary}", highlight=False),
+                          on_done=lambda o: console.print(
+                              f"  [green]done[/green] in {o.seconds:.0f} s" if o.status == "ran"
+                              else "  [dim]up to date[/dim]"))
+    out = StdoutConsole()
+    compare_md = Path(config.out) / "compare" / "compare.md"
+    if compare_md.is_file():
+        out.print(Markdown(compare_md.read_text()))
+    table = Table(title=f"artifacts, in {config.out}", title_justify="left")
+    for column in ("stage", "status", "files"):
+        table.add_column(column)
+    for outcome in outcomes:
+        table.add_row(outcome.name, outcome.status if outcome.status != "ran" else f"ran ({outcome.seconds:.0f} s)",
+                      "\n".join(str(p.relative_to(config.out)) for p in outcome.outputs))
+    out.print(table)
+    console.print(f"finished in {(time.perf_counter() - started) / 60:.1f} min "
+                  f"({(time.process_time() - cpu_started) / 60:.1f} min of CPU time)", highlight=False)
 
 
 def parse_size(text: str) -> int:
