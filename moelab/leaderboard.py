@@ -7,11 +7,11 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moelab.errors import MoelabError
+from moelab.files import temp_file_beside
 from moelab.eval.report import EvalReport, write_text_atomic
 from moelab.eval.suite import GROUPS
 
@@ -356,8 +356,7 @@ def save_figure_atomic(figure, path: Path) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    tmp = temp_file_beside(path, ".png")
     try:
         figure.savefig(tmp, dpi=120)
         os.replace(tmp, path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -227,6 +228,9 @@ def test_output_folder_has_tokenizer_card_and_recipe(tmp_path, tiny_dense):
     assert "| math |" in card and "| code |" in card
     assert (out / "moelab_recipe.yaml").read_text() == (tmp_path / "recipe.yaml").read_text()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # a plain folder's permissions, not the temp folder's 0700
 
 
 def test_failed_build_leaves_nothing_at_out(tmp_path, tiny_dense):

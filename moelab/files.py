@@ -1,0 +1,28 @@
+"""Outputs are written whole or not at all: temporary files and folders beside the target, renamed into place."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_file_beside(path: Path, suffix: str = ".tmp") -> Path:
+    """An empty temporary file in `path`'s folder, with the permissions a plain new file gets (mkstemp gives 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return Path(tmp)
+
+
+def temp_dir_beside(path: Path, prefix: str | None = None) -> Path:
+    """A temporary folder in `path`'s folder, with the permissions a plain new folder gets (mkdtemp gives 0700)."""
+    tmp = tempfile.mkdtemp(prefix=prefix or f".{path.name}.tmp-", dir=path.parent)
+    os.chmod(tmp, 0o777 & ~_umask())
+    return Path(tmp)
