@@ -77,6 +77,26 @@ def test_exact_match_and_nll_match_plain_transformers(tiny_dense, tmp_path):
     assert EvalReport.load(tmp_path / "report.json").results == report.results
 
 
+def test_nll_of_an_answer_given_its_prompt(tiny_dense, tmp_path):
+    model = tiny_dense("dense", seed=4)
+    write_jsonl(tmp_path / "qa.jsonl", [{"q": "What is 2 and 2?", "solution": "2 + 2 = 4. The answer is 4."}])
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"qa": {"path": "qa.jsonl", "kind": "nll", "text_field": "solution",
+                                                            "prompt_field": "q"}}))
+    report = run_eval(str(model), EvalSettings(tasks=[str(tmp_path / "t.yaml")], device="cpu"), None,
+                      tmp_path / "r.json")
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 and 2?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    context = tokenizer(prompt.rstrip(), add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([tokenizer(prompt + "2 + 2 = 4. The answer is 4.", add_special_tokens=False)["input_ids"]])
+    labels = ids.clone()
+    labels[0, :len(context)] = -100  # only the answer is scored
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)(ids, labels=labels).loss.item()
+    assert report.results[0].value == pytest.approx(expected, rel=1e-4)
+
+
 def test_limit_and_recipe_domains(tiny_dense, tmp_path):
     model = tiny_dense("dense")
     write_jsonl(tmp_path / "code.jsonl", [{"text": t} for t in TEXTS])

@@ -13,9 +13,11 @@ a mapping of domain name -> the same fields):
     answer_pattern: 'answer is\\s*\\$?(-?[\\d,]*\\d)'
     max_new_tokens: 64
     # nll: mean negative log-likelihood per token over the first `tokens` tokens of text_field (each token predicted
-    # from the ones before it; the first token is the context). Lower is better.
+    # from the ones before it; the first token is the context). Lower is better. With prompt_field, the text is
+    # scored as the assistant's answer to that field (chat template), e.g. a worked solution given its question.
     text_field: text
     tokens: 256
+    prompt_field: null
 
 Each domain becomes one task, `domain_<name>`, in group `domain:<name>` of the EvalReport.
 """
@@ -52,6 +54,7 @@ class DomainSpec(BaseModel):
     max_new_tokens: int = Field(64, ge=1)
     text_field: str = "text"
     tokens: int = Field(256, ge=2)
+    prompt_field: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class DomainTask:
     max_new_tokens: int
     text_field: str
     tokens: int
+    prompt_field: str | None = None
     num_fewshot: int = 0
 
     @property
@@ -109,11 +113,11 @@ def domain_task(domain: str, spec: dict, base_dir: Path | None, source: str) -> 
             from None
     path = resolve_data_path(checked.path, base_dir).resolve()
     needed = ([checked.question_field, checked.answer_field] if checked.kind == "exact_match"
-              else [checked.text_field])
+              else [checked.text_field] + ([checked.prompt_field] if checked.prompt_field else []))
     raw = _read_jsonl(path, needed, f"eval_data of '{domain}'")
     return DomainTask(domain, checked.kind, str(path), hashlib.sha256(raw).hexdigest(), checked.limit,
                       checked.question_field, checked.answer_field, checked.answer_pattern, checked.max_new_tokens,
-                      checked.text_field, checked.tokens)
+                      checked.text_field, checked.tokens, checked.prompt_field)
 
 
 def _read_jsonl(path: Path, fields: list[str], what: str) -> bytes:
@@ -191,7 +195,8 @@ def tasks_file_text(tasks: list[DomainTask]) -> str:
     return yaml.safe_dump({t.domain: {"path": t.data_file, "kind": t.kind, "limit": t.items,
                                       "question_field": t.question_field, "answer_field": t.answer_field,
                                       "answer_pattern": t.answer_pattern, "max_new_tokens": t.max_new_tokens,
-                                      "text_field": t.text_field, "tokens": t.tokens} for t in tasks},
+                                      "text_field": t.text_field, "tokens": t.tokens,
+                                      "prompt_field": t.prompt_field} for t in tasks},
                           sort_keys=False)
 
 
@@ -255,12 +260,12 @@ def score_exact_match(doc: dict, results: list[str], pattern: str) -> dict[str, 
     return {"exact_match": float(extract_answer(results[0], pattern) == doc["answer"])}
 
 
-def nll_split(text: str, tokens: int, tokenizer) -> tuple[str, str, int]:
-    """(context, continuation, tokens scored) for the first `tokens` tokens of `text`.
+def nll_split(text: str, tokens: int, tokenizer, prompt: str | None = None) -> tuple[str, str, int]:
+    """(context, continuation, tokens scored) for the first `tokens` tokens of `text`, after `prompt` if given.
 
-    The context is the first token(s), extended until it ends on a non-space character, since lm-eval moves a
-    context's trailing whitespace into the continuation. A cut that does not re-encode to itself drops its last
-    tokens, so lm-eval scores exactly the tokens counted here.
+    Without a prompt the context is the first token(s), extended until it ends on a non-space character. lm-eval
+    moves a context's trailing whitespace into the continuation, and so does the count here. A cut that does not
+    re-encode to itself drops its last tokens, so lm-eval scores exactly the tokens counted here.
     """
     def encode(piece: str) -> list[int]:
         return tokenizer(piece, add_special_tokens=False)["input_ids"]
@@ -268,13 +273,17 @@ def nll_split(text: str, tokens: int, tokenizer) -> tuple[str, str, int]:
     ids = encode(text)[:tokens]
     while len(ids) > 2 and encode(tokenizer.decode(ids)) != ids:  # a cut inside a run of spaces re-encodes merged
         ids = ids[:-1]
-    head = 1
-    while head < len(ids) - 1 and (not tokenizer.decode(ids[:head]).strip()
-                                   or tokenizer.decode(ids[:head])[-1].isspace()):
-        head += 1
-    context, whole = tokenizer.decode(ids[:head]), tokenizer.decode(ids)
-    scored = len(encode(whole)) - len(encode(context))
-    return context, whole[len(context):], scored
+    if prompt is not None:
+        context, continuation = prompt, tokenizer.decode(ids)
+    else:
+        head = 1
+        while head < len(ids) - 1 and (not tokenizer.decode(ids[:head]).strip()
+                                       or tokenizer.decode(ids[:head])[-1].isspace()):
+            head += 1
+        context = tokenizer.decode(ids[:head])
+        continuation = tokenizer.decode(ids)[len(context):]
+    scored = len(encode(context + continuation)) - len(encode(context.rstrip()))
+    return context, continuation, scored
 
 
 def nll_docs(dataset, task: DomainTask, tokenizer):
@@ -282,7 +291,8 @@ def nll_docs(dataset, task: DomainTask, tokenizer):
 
     docs = []
     for row in _first_items(dataset, task):
-        context, continuation, scored = nll_split(str(row[task.text_field]), task.tokens, tokenizer)
+        prompt = chat_prompt(str(row[task.prompt_field]), tokenizer) if task.prompt_field else None
+        context, continuation, scored = nll_split(str(row[task.text_field]), task.tokens, tokenizer, prompt)
         if scored > 0:
             docs.append({"context": context, "continuation": continuation, "scored_tokens": scored})
     return Dataset.from_list(docs)
