@@ -42,6 +42,8 @@ class Expert(BaseModel):
     weight: Optional[float] = None
     # gate_mode trained: examples of this expert's domain (JSONL with "text", or one example per line).
     router_data: Optional[str] = None
+    # `moelab eval --tasks domains`: held-out data of this expert's domain (fields in moelab/eval/domain.py).
+    eval_data: Optional[dict] = None
 
 
 class RouterTraining(BaseModel):
