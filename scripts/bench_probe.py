@@ -12,7 +12,6 @@ usage: python scripts/bench_probe.py [--model out/demo] [--rounds 7] [--generate
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import yaml
+from bench_report import write_bench_json
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = REPO / "tests" / "fixtures" / "probe" / "smollm2.yaml"
@@ -105,10 +105,7 @@ def main() -> None:
               "moe_layers": len(moe.layers), "experts": moe.expert_names,
               "probe_prompts": len(texts), "probe_tokens": sum(map(len, token_lists)), "rounds": args.rounds,
               "results": results, "probe_overhead_within_target": results["probe"]["overhead"] < TARGET_OVERHEAD}
-    out = REPO / "reports" / "bench" / "probe.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_bench_json("probe", report)
 
 
 if __name__ == "__main__":

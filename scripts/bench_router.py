@@ -10,12 +10,12 @@ usage: python scripts/bench_router.py [--device cpu|cuda]
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
+from bench_report import write_bench_json
 
 from moelab.build import BuildOptions, build_moe
 from moelab.recipe import parse_recipe
@@ -44,11 +44,8 @@ def main() -> None:
     print(f"{'overall':>8} {routing['hidden']['overall']:8.3f} {routing['trained']['overall']:8.3f}")
     print(f"{'CV':>8} {routing['hidden']['balance_cv']:8.3f} {routing['trained']['balance_cv']:8.3f}"
           f"   ({routing['heldout_tokens']} held-out token-layer choices; build {seconds:.0f} s on {args.device})")
-    out = REPO / "reports" / "bench" / "router.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "device": args.device, "build_s": round(seconds, 1),
-                               "routing": routing}, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_bench_json("router", {"date": time.strftime("%Y-%m-%d"), "device": args.device,
+                                "build_s": round(seconds, 1), "routing": routing})
 
 
 if __name__ == "__main__":
