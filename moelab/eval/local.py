@@ -130,13 +130,9 @@ def model_identity(model: str) -> tuple[str, str | None, dict | None]:
 
 def resolve_settings(settings: EvalSettings) -> EvalSettings:
     """Fill "auto" device/dtype/batch size with what this machine will actually use (the report records these)."""
-    import torch
+    from moelab.build.gates import resolve_device
 
-    device = settings.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MoelabError(f"--device {device} but no CUDA GPU is visible; use --device cpu")
+    device = resolve_device(settings.device)
     # AutoEval runs float16 on GPU; CPU float16 matmuls are slow and lossy, so CPU uses float32.
     dtype = settings.dtype if settings.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
     if dtype not in ("float16", "bfloat16", "float32"):
