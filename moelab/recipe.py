@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
 
 from moelab.errors import MoelabError
 
@@ -26,6 +27,23 @@ ARCHITECTURE_ALIASES = {
 }
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16",
           "float32": "float32", "fp32": "float32", "float": "float32"}
+# Names from a recipe become folder and file names (run's model folder, report folders) and cells of the card's
+# table, so each is one path component of safe characters, at most as long as a Hub repo name.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+# torch seeds are 64-bit, and noise seeds are derived from the recipe's seed by multiplying it (build/__init__.py).
+MAX_SEED = 2**32 - 1
+
+
+def check_name(name: str) -> str:
+    """`name` if it is a safe file name (NAME_PATTERN), else a ValueError that says what a name may hold."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"{name!r} is not a usable name: use 1 to 96 letters, digits, '.', '_' or '-', starting "
+                         "with a letter or digit (it becomes a folder name)")
+    return name
+
+
+SafeName = Annotated[str, AfterValidator(check_name)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 class Expert(BaseModel):
@@ -34,12 +52,12 @@ class Expert(BaseModel):
     source_model: str
     positive_prompts: list[str] = Field(default_factory=list)
     negative_prompts: list[str] = Field(default_factory=list)
-    noise_scale: Optional[float] = None
-    residual_scale: Optional[float] = None
+    noise_scale: Optional[FiniteFloat] = Field(None, ge=0)
+    residual_scale: Optional[FiniteFloat] = None
     # moelab additions: a short label used by chat, compare and the model card; the expert's weight in
     # task_arithmetic/ties shared weights.
-    name: Optional[str] = None
-    weight: Optional[float] = None
+    name: Optional[SafeName] = None
+    weight: Optional[FiniteFloat] = None
     # gate_mode trained: examples of this expert's domain (JSONL with "text", or one example per line).
     router_data: Optional[str] = None
     # `moelab eval --tasks domains`: held-out data of this expert's domain (fields in moelab/eval/domain.py).
@@ -50,13 +68,13 @@ class RouterTraining(BaseModel):
     """Options of gate_mode trained (see moelab/build/router_training.py)."""
     model_config = ConfigDict(extra="forbid")
 
-    examples: int = Field(64, ge=2, description="examples per expert, before the held-out split")
-    tokens: int = Field(32, ge=2, description="tokens per example (longer ones are cut)")
-    tokens_per_example: int = Field(16, ge=1, description="tokens of each example kept for fitting")
-    steps: int = Field(80, ge=1)
-    lr: float = Field(0.1, gt=0)
-    balance: float = Field(0.1, ge=0, description="weight of the load-balance term")
-    holdout: float = Field(0.25, ge=0, lt=1, description="share of examples held out to measure routing")
+    examples: int = Field(64, ge=2, le=100_000, description="examples per expert, before the held-out split")
+    tokens: int = Field(32, ge=2, le=32_768, description="tokens per example (longer ones are cut)")
+    tokens_per_example: int = Field(16, ge=1, le=32_768, description="tokens of each example kept for fitting")
+    steps: int = Field(80, ge=1, le=100_000)
+    lr: FiniteFloat = Field(0.1, gt=0)
+    balance: FiniteFloat = Field(0.1, ge=0, description="weight of the load-balance term")
+    holdout: FiniteFloat = Field(0.25, ge=0, lt=1, description="share of examples held out to measure routing")
 
 
 class Recipe(BaseModel):
@@ -70,11 +88,11 @@ class Recipe(BaseModel):
     shared_experts: Optional[list[Expert]] = None
     architecture: Optional[str] = None
     # moelab additions.
-    name: Optional[str] = None
-    seed: int = 0
+    name: Optional[SafeName] = None
+    seed: Seed = 0
     allow_identical_experts: bool = False
     shared_weights: str = "base"
-    density: float = 0.5
+    density: FiniteFloat = 0.5
     router_training: RouterTraining = Field(default_factory=RouterTraining)
 
     def expert_names(self) -> list[str]:
@@ -103,13 +121,23 @@ def load_recipe(path: str | Path, allow_identical_experts: bool = False) -> tupl
     """Read and validate a recipe file; returns the recipe and its text as given (stored beside the model)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise MoelabError(f"cannot read recipe {path}: {err.strerror}; check the path") from None
+    except UnicodeDecodeError as err:
+        raise MoelabError(f"recipe {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     return parse_recipe(text, str(path), allow_identical_experts), text
 
 
 def parse_recipe(text: str, source: str = "<recipe>", allow_identical_experts: bool = False) -> Recipe:
+    try:
+        return _parse_recipe(text, source, allow_identical_experts)
+    except RecursionError:
+        raise MoelabError(f"{source}: the YAML is nested too deeply to be a recipe; a recipe is a mapping of "
+                          "fields and lists of experts") from None
+
+
+def _parse_recipe(text: str, source: str, allow_identical_experts: bool) -> Recipe:
     try:
         root = yaml.compose(text)
         data = yaml.safe_load(text)
@@ -139,7 +167,7 @@ def _describe(error: dict) -> str:
         return f"unknown field '{field}'; check its spelling against the recipe format in README.md"
     if error["type"] == "missing":
         return f"missing required field '{field}'"
-    return f"field '{field}': {error['msg']}"
+    return f"field '{field}': {error['msg'].removeprefix('Value error, ')}"
 
 
 def _line_of(node, loc: tuple) -> str:
@@ -188,6 +216,13 @@ def _check_recipe(recipe: Recipe, source: str) -> None:
     names = recipe.expert_names()
     if len(set(names)) != len(names):
         raise MoelabError(f"{source}: expert names must be unique; got {names}")
+    if recipe.gate_mode == "trained":
+        for i, expert in enumerate(recipe.experts):
+            if expert.router_data is None and len(expert.positive_prompts) < 2:
+                raise MoelabError(
+                    f"{source}: expert {i} ({names[i]}) has no router_data and {len(expert.positive_prompts)} "
+                    "positive prompt(s); gate_mode trained fits on examples and holds some out, so give it a "
+                    "router_data file (or at least 2 positive prompts)")
     if recipe.gate_mode in PROMPTED_GATE_MODES:
         for i, expert in enumerate(recipe.experts):
             if not expert.positive_prompts:

@@ -20,6 +20,8 @@ DEMO_TASKS = ("bigbench_logical_deduction_three_objects", "bigbench_navigate", "
               "bigbench_sports_understanding")
 DEMO_LIMIT = 6
 STAMPS_FILE = "run.json"  # stage name -> key of the inputs its outputs were made from
+# In each model folder `moelab run` builds: a re-run replaces only folders holding it, never one it did not make.
+RUN_MARKER = ".moelab-run"
 # CPU seconds measured with SmolLM2-135M in float32 (`moelab demo`, 2 cores): one loglikelihood request (prompt +
 # one choice) of a short BIG-bench task, model loading included; and the rest of a demo on a fresh install (GGUF
 # and LoRA conversion, build, probe). On 2 idle cores the wall time is at most the CPU time.
@@ -125,6 +127,18 @@ def probe_file_for(config: RunConfig) -> Optional[Path]:
     return beside if beside.is_file() else None
 
 
+def run_name(recipe, recipe_path: Path) -> str:
+    """The MoE's name, its folder's name under --out: the recipe's `name` (checked when it was read), else the
+    recipe file's stem, when that is a usable name too."""
+    from moelab.recipe import check_name
+
+    try:
+        return recipe.name or check_name(recipe_path.stem)
+    except ValueError as err:
+        raise MoelabError(f"{recipe_path}: the file name gives no model name ({err}); add a `name:` to the "
+                          "recipe") from None
+
+
 def plan_stages(config: RunConfig) -> list[Stage]:
     """The loop for `config`, in order. Nothing runs here; keys are computed when a stage is reached."""
     from moelab.eval import EvalSettings
@@ -133,7 +147,9 @@ def plan_stages(config: RunConfig) -> list[Stage]:
     recipe, recipe_text = load_recipe(config.recipe)
     if config.remote not in (None, "runpod"):
         raise MoelabError(f"--remote {config.remote} is not supported; use --remote runpod")
-    paths = RunPaths(Path(config.out), recipe.name or Path(config.recipe).stem)
+    if config.limit is not None and config.limit < 1:
+        raise MoelabError(f"--limit {config.limit} is not a number of examples; give 1 or more, or leave it out")
+    paths = RunPaths(Path(config.out), run_name(recipe, Path(config.recipe)))
     settings = EvalSettings(tasks=list(config.tasks), limit=config.limit, device=config.device)
     data_files = _data_files(config)
     eval_key = [settings.tasks, settings.limit, [[str(p), p.stat().st_size] for p in data_files]]
@@ -206,8 +222,8 @@ def _build(recipe, recipe_text: str, config: RunConfig, paths: RunPaths) -> None
     from moelab.build import BuildOptions, build_moe, is_up_to_date
 
     if not is_up_to_date(paths.model_dir, recipe_text):
-        build_moe(recipe, recipe_text, paths.model_dir, BuildOptions(device=config.device, force=True),
-                  recipe_dir=Path(config.recipe).parent)
+        build_moe(recipe, recipe_text, paths.model_dir,
+                  BuildOptions(device=config.device, force=True, owner=RUN_MARKER), recipe_dir=Path(config.recipe).parent)
 
 
 def _model_hash(model_dir: Path) -> Optional[str]:

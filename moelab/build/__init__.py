@@ -9,13 +9,17 @@ from pathlib import Path
 from typing import Optional
 
 from moelab.build.merge import DROPPED_DELTA_WARNING, SharedWeights
+from moelab.build.router_training import read_router_data
 from moelab.build.layouts import (MATCHING_KEYS, MoeLayout, choose_layout, dense_mlp_names, expert_tensor_names,
                                   is_dense_mlp, moe_config_dict)
-from moelab.build.sources import resolve_model
+from moelab.build.checks import check_build_numbers, check_model_config, check_source_tensors
+from moelab.build.output import (check_apart_from_sources, check_replaceable, finish_build_folder, new_build_folder,
+                                 output_lock, remove_stale_folders)
+from moelab.build.sources import local_inputs, resolve_data_path, resolve_model
 from moelab.build.tensors import SAFETENSORS_DTYPES, PlannedTensor, SafetensorsFolder, write_sharded
 from moelab.errors import MoelabError
-from moelab.files import temp_dir_beside
 from moelab.recipe import PROMPTED_GATE_MODES, Expert, Recipe, recipe_hash
+from moelab.signals import stop_signals_deferred, stop_signals_unwind
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -32,6 +36,9 @@ class BuildOptions:
     seed: Optional[int] = None
     force: bool = False
     show_progress: bool = True
+    # A marker file the build writes into OUT; with force, an existing OUT is replaced only when it holds one
+    # (moelab run: it replaces only the model folders it made).
+    owner: Optional[str] = None
 
 
 @dataclass
@@ -56,19 +63,35 @@ class ResolvedModel:
 
 def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions = BuildOptions(),
               recipe_dir: Optional[Path] = None) -> BuildResult:
-    """Merge the recipe's experts into a MoE model folder at `out` (written beside it, then renamed)."""
+    """Merge the recipe's experts into a MoE model folder at `out` (written beside it, then renamed).
+
+    One build of `out` at a time (a lock beside it); what killed builds of `out` left is cleaned first; SIGTERM and
+    SIGHUP unwind like Ctrl-C, removing the temporary folder (moelab/build/output.py)."""
     out = Path(out)
-    if out.exists() and not options.force:
-        raise MoelabError(f"{out} already exists; pass --force to replace it, or choose another output folder")
+    check_build_numbers(options.shard_bytes, options.seed)
+    with stop_signals_unwind(), output_lock(out):
+        remove_stale_folders(out)
+        check_replaceable(out, options.force, options.owner)
+        try:
+            return _build_moe(recipe, recipe_text, out, options, recipe_dir)
+        except OSError as err:
+            raise MoelabError(f"cannot write {err.filename or out}: {err.strerror}; free some space or choose "
+                              "another output folder (nothing was written to it)") from None
+
+
+def _build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions,
+               recipe_dir: Optional[Path]) -> BuildResult:
     if options.load_in_4bit and options.load_in_8bit:
         raise MoelabError("choose one of --load-in-4bit and --load-in-8bit")
     seed = recipe.seed if options.seed is None else options.seed
     base = _open_model(recipe.base_model, recipe_dir)
     experts = [_open_model(e.source_model, recipe_dir) for e in recipe.experts]
     shared = [_open_model(e.source_model, recipe_dir) for e in recipe.shared_experts or []]
-    for role, model in [(f"expert {i} ({recipe.expert_names()[i]})", m) for i, m in enumerate(experts)] + \
-            [("shared expert", m) for m in shared]:
+    roles = [(f"expert {i} ({recipe.expert_names()[i]})", m) for i, m in enumerate(experts)] + \
+        [("shared expert", m) for m in shared]
+    for role, model in roles:
         _check_compatible(base, model, role)
+    _check_sources(out, recipe, [("the base model", base)] + roles, recipe_dir)
     layout = choose_layout(recipe.output_architecture(), base.config.get("model_type", "?"), bool(shared))
     out_dtype = recipe.torch_dtype_name() or _config_dtype(base.config)
 
@@ -99,8 +122,7 @@ def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions
                             "give them more distinct prompts, or routing between them is arbitrary")
 
     plan = plan_tensors(layout, base, shared_weights, experts, shared, recipe, gates, out_dtype, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_beside(out)
+    tmp = new_build_folder(out)
     try:
         shard_names = _write_with_progress(plan, tmp, options)
         config = moe_config_dict(layout, base.config, len(experts), recipe.experts_per_token, bool(shared), out_dtype)
@@ -108,6 +130,8 @@ def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions
         _copy_tokenizer(base.folder, tmp)
         routing = router_report.to_json() if router_report else None
         _write_metadata(tmp, recipe, recipe_text, layout, routing)
+        if options.owner:
+            (tmp / options.owner).write_text("written by moelab build; the folder may be replaced by a re-run\n")
         from moelab.card import model_card
 
         (tmp / "README.md").write_text(
@@ -146,10 +170,33 @@ def is_up_to_date(out: Path, recipe_text: str) -> bool:
 def _open_model(ref: str, recipe_dir: Optional[Path]) -> ResolvedModel:
     folder = resolve_model(ref, recipe_dir)
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as err:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
         raise MoelabError(f"cannot read config.json of model '{ref}': {err}") from None
+    check_model_config(config, ref)
     return ResolvedModel(ref, folder, config, SafetensorsFolder(folder))
+
+
+def _check_sources(out: Path, recipe: Recipe, models: list[tuple[str, ResolvedModel]],
+                   recipe_dir: Optional[Path]) -> None:
+    """OUT apart from every source; every tensor the plan reads of the shape and dtype the config plans."""
+    sources = []
+    for role, model in models:
+        sources += [(role, p) for p in local_inputs(model.ref, recipe_dir)]
+        sources += [(role, model.folder)] + [(role, f) for f in model.folder.iterdir()]
+    for name, expert in zip(recipe.expert_names(), recipe.experts):
+        if expert.router_data and recipe.gate_mode == "trained":
+            data = resolve_data_path(expert.router_data, recipe_dir)
+            read_router_data(data)  # its errors now, not after the hidden-state pass
+            sources.append((f"router_data of expert {name}", data))
+    kept = [("the working folder", Path.cwd())] + ([("the recipe's folder", recipe_dir)] if recipe_dir else [])
+    check_apart_from_sources(out, sources, kept)
+    base = models[0][1]
+    check_source_tensors(base.tensors, [n for n in base.tensors.names() if not is_dense_mlp(n)], base.config,
+                         "the base model")
+    mlp_names = [name for layer in range(base.config["num_hidden_layers"]) for name in dense_mlp_names(layer).values()]
+    for role, model in models[1:]:
+        check_source_tensors(model.tensors, mlp_names, base.config, role)
 
 
 def _check_compatible(base: ResolvedModel, other: ResolvedModel, role: str) -> None:
@@ -278,10 +325,12 @@ def _write_metadata(folder: Path, recipe: Recipe, recipe_text: str, layout: MoeL
 
 def _replace(tmp: Path, out: Path) -> None:
     """Rename the finished folder to `out`; an existing `out` (with --force) is removed only after that succeeds."""
+    finish_build_folder(tmp)
     old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
-        out.rename(old)
-    tmp.rename(out)
+    with stop_signals_deferred():  # between the two renames, no OUT is there
+        if out.exists() or out.is_symlink():
+            old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
+            out.rename(old)
+        tmp.rename(out)
     if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()

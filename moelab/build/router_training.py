@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 from moelab.errors import MoelabError
 from moelab.recipe import Expert, RouterTraining
 
+MIN_EXAMPLES = 2  # one to fit, one held out
+
 
 @dataclass
 class RoutingQuality:
@@ -43,21 +45,33 @@ class RouterReport:
 
 
 def read_router_data(path: Path) -> list[str]:
-    """Examples from a JSONL file (each row's "text", else its string values joined) or a text file (one per line)."""
+    """Examples from a JSONL file (each row's "text", else its string values joined) or a text file (one per line);
+    at least two, since some are held out."""
     try:
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
     except OSError as err:
         raise MoelabError(f"cannot read router_data {path}: {err.strerror}; check the path") from None
-    if path.suffix != ".jsonl":
-        return lines
-    examples = []
-    for number, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise MoelabError(f"{path} line {number} is not JSON; router_data .jsonl needs one object per line") from None
-        examples.append(row["text"] if "text" in row else " ".join(v for v in row.values() if isinstance(v, str)))
+    except UnicodeDecodeError as err:
+        raise MoelabError(f"router_data {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    examples = [line for _, line in lines] if path.suffix != ".jsonl" else [_jsonl_text(path, n, line) for n, line in lines]
+    if len(examples) < MIN_EXAMPLES:
+        raise MoelabError(f"router_data {path} has {len(examples)} example(s); give at least {MIN_EXAMPLES} (some are "
+                          "held out to measure routing)")
     return examples
+
+
+def _jsonl_text(path: Path, number: int, line: str) -> str:
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):
+        raise MoelabError(f"{path} line {number} is not JSON; router_data .jsonl needs one object per line") from None
+    if not isinstance(row, dict):
+        raise MoelabError(f"{path} line {number} is a JSON {type(row).__name__}; router_data .jsonl needs one "
+                          'object per line, like {"text": "..."}')
+    text = row["text"] if "text" in row else " ".join(v for v in row.values() if isinstance(v, str))
+    if not isinstance(text, str) or not text.strip():
+        raise MoelabError(f'{path} line {number} has no text (a non-empty string in "text", or string fields)')
+    return text
 
 
 def _split_examples(examples: list[str], options: RouterTraining, generator) -> tuple[list[str], list[str]]:
@@ -65,7 +79,7 @@ def _split_examples(examples: list[str], options: RouterTraining, generator) -> 
 
     order = torch.randperm(len(examples), generator=generator).tolist()[:options.examples]
     chosen = [examples[i] for i in order]
-    heldout = max(1, int(round(options.holdout * len(chosen)))) if len(chosen) > 1 else 0
+    heldout = min(len(chosen) - 1, max(1, int(round(options.holdout * len(chosen)))))
     return chosen[heldout:], chosen[:heldout]
 
 

@@ -6,7 +6,9 @@ import hashlib
 import importlib.util
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from moelab.errors import MoelabError
 from moelab.files import temp_dir_beside
@@ -50,6 +52,17 @@ def resolve_model(ref: str, base_dir: Path | None = None) -> Path:
     return _from_hub(ref)
 
 
+def local_inputs(ref: str, base_dir: Path | None = None) -> list[Path]:
+    """The local files and folders a model reference reads before any conversion (a Hub id: none)."""
+    if "+" in ref and not Path(ref).exists():
+        model_ref, adapter_ref = ref.split("+", 1)
+        return local_inputs(model_ref, base_dir) + local_inputs(adapter_ref, base_dir)
+    if ref.startswith("pkg:"):
+        return [_package_path(ref)]
+    local = _local_path(ref, base_dir)
+    return [] if local is None else [local]
+
+
 def resolve_data_path(ref: str, base_dir: Path | None = None) -> Path:
     """A data file named in a recipe: `pkg:PACKAGE/FILE`, or a path (relative to the recipe's folder)."""
     path = _package_path(ref) if ref.startswith("pkg:") else _local_path(ref, base_dir)
@@ -91,12 +104,17 @@ def _cached_folder(kind: str, key: str) -> Path:
     return cache_dir() / kind / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _new_tmp(target: Path) -> Path:
+@contextmanager
+def _filling(target: Path) -> Iterator[Path]:
+    """A temporary folder beside `target`: renamed to it when the block succeeds, removed when the block fails or
+    is interrupted."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return temp_dir_beside(target, prefix=".tmp-")
-
-
-def _publish_folder(tmp: Path, target: Path) -> None:
+    tmp = temp_dir_beside(target, prefix=".tmp-")
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         tmp.rename(target)
     except OSError:  # another process finished the same folder first
@@ -119,12 +137,14 @@ def _from_gguf(gguf: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except ImportError as err:
         raise MoelabError(f"reading {gguf.name} needs the gguf package: pip install gguf ({err})") from None
+    except Exception as err:  # noqa: BLE001 - the GGUF readers fail on a damaged file with any exception type
+        raise MoelabError(f"cannot read {gguf} as a GGUF model ({type(err).__name__}: {str(err)[:200]}); the file "
+                          "is damaged or not a GGUF language model") from None
     model.config.quantization_config = None
-    tmp = _new_tmp(target)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "SOURCE").write_text(f"dequantized from {gguf}\n")
-    _publish_folder(tmp, target)
+    with _filling(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"dequantized from {gguf}\n")
     return target
 
 
@@ -143,13 +163,17 @@ def _merge_lora(model_dir: Path, adapter: Path) -> Path:
         from peft import PeftModel
     except ImportError:
         raise MoelabError("merging a LoRA adapter needs peft: pip install 'moelab[lora]'") from None
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload().to(torch.bfloat16)
-    tmp = _new_tmp(target)
-    merged.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
-    (tmp / "SOURCE").write_text(f"{model_dir} merged with LoRA adapter {adapter}\n")
-    _publish_folder(tmp, target)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload().to(torch.bfloat16)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as err:  # noqa: BLE001 - transformers and peft fail on damaged files with any exception type
+        raise MoelabError(f"cannot merge LoRA adapter {adapter} into {model_dir} ({type(err).__name__}: "
+                          f"{str(err)[:200]}); check that both are intact and that the adapter is for that model") from None
+    with _filling(target) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"{model_dir} merged with LoRA adapter {adapter}\n")
     return target
 
 

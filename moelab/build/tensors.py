@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "f
                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 TORCH_DTYPES = {code: name for name, code in SAFETENSORS_DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 10**6  # the safetensors format's own limit
 
 
 class SafetensorsFolder:
@@ -27,7 +29,7 @@ class SafetensorsFolder:
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_weight_map(index)
         else:
             single = self.folder / "model.safetensors"
             weight_map = {name: single.name for name in _read_header(single)[1]}
@@ -71,16 +73,56 @@ class SafetensorsFolder:
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor name -> shard file name, each shard a file of the folder itself."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
+        raise MoelabError(f"cannot read {index} ({type(err).__name__}: {err}); the index is damaged, download or "
+                          "save the model again") from None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(file, str) and Path(file).name == file and file not in ("", ".", "..")
+            for file in weight_map.values()):
+        raise MoelabError(f"{index}: weight_map must map tensor names to shard file names in the same folder; the "
+                          "index is damaged, download or save the model again")
+    return weight_map
+
+
 def _read_header(path: Path) -> tuple[int, dict]:
-    """(offset of the data section, {tensor name: entry}) of a safetensors file."""
+    """(offset of the data section, {tensor name: entry}) of a safetensors file, each entry checked against the
+    file, so that a damaged header is an error here rather than a wrong tensor later."""
     try:
         with open(path, "rb") as f:
+            file_bytes = os.fstat(f.fileno()).st_size
             (length,) = struct.unpack("<Q", f.read(8))
+            if length > min(MAX_HEADER_BYTES, file_bytes - 8):
+                raise ValueError(f"header length {length} is larger than the file or the format's limit")
             header = json.loads(f.read(length))
-    except (OSError, struct.error, ValueError) as err:
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+        header.pop("__metadata__", None)
+        for name, entry in header.items():
+            _check_entry(name, entry, file_bytes - 8 - length)
+    except (OSError, struct.error, ValueError, RecursionError) as err:
         raise MoelabError(f"cannot read safetensors file {path}: {err}; the file is missing or corrupt") from None
-    header.pop("__metadata__", None)
     return 8 + length, header
+
+
+def _check_entry(name: str, entry, data_bytes: int) -> None:
+    if not (isinstance(entry, dict) and entry.get("dtype") in DTYPE_BYTES and _whole_numbers(entry.get("shape"))
+            and _whole_numbers(entry.get("data_offsets")) and len(entry["data_offsets"]) == 2):
+        raise ValueError(f"tensor {name!r} has a malformed or unsupported entry {str(entry)[:200]}")
+    begin, end = entry["data_offsets"]
+    count = 1
+    for dim in entry["shape"]:
+        count *= dim
+    if not begin <= end <= data_bytes or end - begin != count * DTYPE_BYTES[entry["dtype"]]:
+        raise ValueError(f"tensor {name} ({entry['dtype']} {entry['shape']}) does not fit its data_offsets "
+                         f"{entry['data_offsets']} in {data_bytes} bytes of data")
+
+
+def _whole_numbers(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
 @dataclass

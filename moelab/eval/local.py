@@ -16,6 +16,7 @@ from moelab.eval.report import (EvalReport, EvalSettings, TaskResult, group_scor
                                 write_text_atomic)
 from moelab.eval.domain import DomainTask, domain_task_config, split_selection
 from moelab.eval.suite import SuiteTask
+from moelab.recipe import NAME_PATTERN
 
 # On CPU lm-eval's "auto" batch probe runs five full-length forwards at batch 64: slower than the eval itself.
 CPU_AUTO_BATCH_SIZE = 8
@@ -97,7 +98,8 @@ def model_name_of(model: str) -> str:
     path = Path(model).expanduser()
     if path.is_dir():
         return path.resolve().name
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+    if (path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
+            or not NAME_PATTERN.fullmatch(model.split("/")[-1])):
         raise MoelabError(f"model '{model}' is neither a model folder nor a Hub repo id (org/name)")
     return model.split("/")[-1]
 
