@@ -77,6 +77,9 @@ def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions
         except OSError as err:
             raise MoelabError(f"cannot write {err.filename or out}: {err.strerror}; free some space or choose "
                               "another output folder (nothing was written to it)") from None
+        finally:
+            with stop_signals_deferred():  # also a temporary folder that a signal left before its `try` began
+                remove_stale_folders(out)
 
 
 def _build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions,
