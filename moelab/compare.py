@@ -12,6 +12,7 @@ from moelab.eval.domain import GROUP_PREFIX, lower_is_better
 from moelab.eval.report import EvalReport, write_text_atomic
 from moelab.eval.suite import GROUPS, tasks_of_group
 from moelab.leaderboard import eval_reports_under, markdown_table, rich_table, save_figure_atomic
+from moelab.recipe import check_name
 
 # A delta counts as a win or a loss only beyond this many standard errors (two-sided 95%).
 Z_95 = 1.96
@@ -289,11 +290,11 @@ def experts_of_model(model_dir: Path) -> list[tuple[str, str]]:
     meta = Path(model_dir) / "moelab.json"
     try:
         data = json.loads(meta.read_text())
-        return [(e["name"], e["source_model"]) for e in data["experts"]]
+        return [(check_name(e["name"]), e["source_model"]) for e in data["experts"]]
     except FileNotFoundError:
         raise MoelabError(f"{model_dir} has no moelab.json, so its experts are unknown; it must be a folder built by "
                           "`moelab build`, or pass the report files: moelab compare MOE_REPORT EXPERT_REPORT...") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError) as err:  # names become report folders: check_name
         raise MoelabError(f"{meta} is damaged ({err}); rebuild the model with `moelab build`") from None
 
 
@@ -301,6 +302,9 @@ def report_path_for(model_ref: str, reports_dir: Path, moe_name: str, expert_nam
     """Where --run-missing writes an expert's report: reports/<model-name>/nous.json for a model folder or Hub id;
     an expert built from a derived source (GGUF, pkg:, MODEL+LORA) is named after the MoE and the expert."""
     name = f"{moe_name}.{expert_name}" if _is_derived(model_ref) else Path(model_ref.rstrip("/")).name
+    if name in ("", ".", ".."):
+        raise MoelabError(f"expert source '{model_ref}' names no folder for its report; give its model folder as a "
+                          "path that ends in the folder's name")
     return Path(reports_dir) / name / REPORT_FILE
 
 

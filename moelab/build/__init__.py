@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,9 @@ def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions
 
     One build of `out` at a time (a lock beside it); what killed builds of `out` left is cleaned first; SIGTERM and
     SIGHUP unwind like Ctrl-C, removing the temporary folder (moelab/build/output.py)."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." and "x/.." have no name to put the lock and temporary folder beside
+    if not out.name:
+        raise MoelabError(f"{out} cannot be an output folder; give the path of a folder to create")
     check_build_numbers(options.shard_bytes, options.seed)
     with stop_signals_unwind(), output_lock(out):
         remove_stale_folders(out)
