@@ -329,6 +329,24 @@ def test_damaged_model_files_get_a_one_line_error(tmp_path, tiny_dense, case):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_index_that_puts_a_tensor_in_a_shard_without_it_gets_a_one_line_error(tiny_dense):
+    from moelab.build.tensors import SafetensorsFolder
+
+    model = tiny_dense("a")
+    (model / "model.safetensors.index.json").write_text('{"weight_map": {"x.weight": "model.safetensors"}}')
+    one_line_error(lambda: SafetensorsFolder(model).info("x.weight"), "x.weight", "does not hold it")
+
+
+@pytest.mark.parametrize("key, value", [("hidden_act", "no-such-activation"), ("rms_norm_eps", "tiny"),
+                                        ("rope_scaling", {"rope_type": "no-such-rope"})])
+def test_a_base_config_that_transformers_rejects_is_refused_before_writing(tmp_path, tiny_dense, key, value):
+    a, b = tiny_dense("a"), tiny_dense("b", seed=1)
+    config = json.loads((a / "config.json").read_text())
+    (a / "config.json").write_text(json.dumps({**config, key: value}))
+    one_line_error(lambda: build(random_recipe(tmp_path, a, b), tmp_path / "out"), "values transformers rejects")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_garbage_gguf_gets_a_one_line_error(tmp_path, tiny_dense, monkeypatch):
     monkeypatch.setenv("MOELAB_CACHE", str(tmp_path / "cache"))
     a = tiny_dense("a")

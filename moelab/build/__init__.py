@@ -100,6 +100,8 @@ def _build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOption
     _check_sources(out, recipe, [("the base model", base)] + roles, recipe_dir)
     layout = choose_layout(recipe.output_architecture(), base.config.get("model_type", "?"), bool(shared))
     out_dtype = recipe.torch_dtype_name() or _config_dtype(base.config)
+    moe_config = _moe_config(layout, moe_config_dict(layout, base.config, len(experts), recipe.experts_per_token,
+                                                     bool(shared), out_dtype), recipe.base_model)
 
     from moelab.build.gates import compute_gates, similar_expert_pairs
 
@@ -131,8 +133,7 @@ def _build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOption
     tmp = new_build_folder(out)
     try:
         shard_names = _write_with_progress(plan, tmp, options)
-        config = moe_config_dict(layout, base.config, len(experts), recipe.experts_per_token, bool(shared), out_dtype)
-        _write_config(layout, config, tmp)
+        moe_config.save_pretrained(tmp)
         _copy_tokenizer(base.folder, tmp)
         routing = router_report.to_json() if router_report else None
         _write_metadata(tmp, recipe, recipe_text, layout, routing)
@@ -297,10 +298,22 @@ def _write_with_progress(plan: list[PlannedTensor], folder: Path, options: Build
                              on_tensor=lambda t: progress.advance(task, t.nbytes))
 
 
-def _write_config(layout: MoeLayout, config: dict, folder: Path) -> None:
+def _moe_config(layout: MoeLayout, config: dict, base_ref: str):
+    """The output's transformers config, made (and a model of it on the meta device, which allocates nothing) before
+    anything is written, so that values of the base's config.json that transformers rejects are an error up front
+    rather than an output that does not load."""
+    import torch
     import transformers
 
-    getattr(transformers, layout.config_class)(**config).save_pretrained(folder)
+    try:
+        moe_config = getattr(transformers, layout.config_class)(**config)
+        with torch.device("meta"):
+            transformers.AutoModelForCausalLM.from_config(moe_config)
+    except Exception as err:  # noqa: BLE001 - transformers rejects a bad config with any exception type
+        raise MoelabError(f"config.json of the base model '{base_ref}' has values transformers rejects "
+                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); the model folder is "
+                          "damaged") from None
+    return moe_config
 
 
 def _copy_tokenizer(base_dir: Path, folder: Path) -> None:

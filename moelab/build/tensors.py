@@ -54,6 +54,9 @@ class SafetensorsFolder:
         if file not in self._headers:
             self._headers[file] = _read_header(self.folder / file)
         data_start, entries = self._headers[file]
+        if name not in entries:
+            raise MoelabError(f"the index of {self.folder} puts {name} in {file}, which does not hold it; the index is "
+                              "damaged, download or save the model again")
         return data_start, entries[name]
 
     def get(self, name: str):
