@@ -11,6 +11,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
 
 from moelab.errors import MoelabError
+from moelab.files import read_user_text
 
 GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random", "hidden_last", "hidden_avg", "trained")
 PROMPTED_GATE_MODES = ("hidden", "cheap_embed", "hidden_last", "hidden_avg", "trained")
@@ -120,12 +121,7 @@ def recipe_hash(text: str) -> str:
 def load_recipe(path: str | Path, allow_identical_experts: bool = False) -> tuple[Recipe, str]:
     """Read and validate a recipe file; returns the recipe and its text as given (stored beside the model)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise MoelabError(f"cannot read recipe {path}: {err.strerror}; check the path") from None
-    except UnicodeDecodeError as err:
-        raise MoelabError(f"recipe {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    text = read_user_text(path, "recipe")
     return parse_recipe(text, str(path), allow_identical_experts), text
 
 

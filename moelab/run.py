@@ -222,8 +222,8 @@ def _build(recipe, recipe_text: str, config: RunConfig, paths: RunPaths) -> None
     from moelab.build import BuildOptions, build_moe, is_up_to_date
 
     if not is_up_to_date(paths.model_dir, recipe_text):
-        build_moe(recipe, recipe_text, paths.model_dir,
-                  BuildOptions(device=config.device, force=True, owner=RUN_MARKER), recipe_dir=Path(config.recipe).parent)
+        options = BuildOptions(device=config.device, force=True, owner=RUN_MARKER)
+        build_moe(recipe, recipe_text, paths.model_dir, options, recipe_dir=Path(config.recipe).parent)
 
 
 def _model_hash(model_dir: Path) -> Optional[str]:

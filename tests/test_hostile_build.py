@@ -307,6 +307,8 @@ DAMAGED_FILES = {
     "config.json is a list": ("config.json", b"[1, 2, 3]", "is a JSON list"),
     "config.json is garbage": ("config.json", b"\xff\xfe{{{", "cannot read config.json"),
     "config.json has no sizes": ("config.json", b'{"model_type": "llama"}', "hidden_size=None"),
+    "config.json has 10^10 layers": ("config.json", b'{"model_type": "llama", "hidden_size": 64, '
+                                                    b'"num_hidden_layers": 10000000000}', "num_hidden_layers=1000"),
     "safetensors is garbage": ("model.safetensors", os.urandom(64), "cannot read safetensors"),
     "safetensors header is huge": ("model.safetensors", struct.pack("<Q", 2**63) + b"{}", "larger than the file"),
     "safetensors header is a list": ("model.safetensors", header_bytes([1]), "not an object"),
@@ -358,8 +360,8 @@ def test_a_garbage_gguf_gets_a_one_line_error(tmp_path, tiny_dense, monkeypatch)
 
 
 @pytest.mark.parametrize("data, fragment", [
-    (b"", "0 example(s)"), (b'{"text": null}\n{"text": "x"}\n', "line 1 has no text"),
-    (b"\xff\xfe\x00bad\n", "not UTF-8"), (b'[1, 2]\n{"text": "x"}\n', "line 1 is a JSON list"),
+    (b"", "is empty"), (b'{"text": null}\n{"text": "x"}\n', "line 1 has no text"),
+    (b"\xff\xfe\x00bad\n", "not UTF-8"), (b'[1, 2]\n{"text": "x"}\n', "line 1 is not JSON, or not an object"),
     (b'{"text": "only one"}\n', "1 example(s)"), (b"{not json\n", "line 1 is not JSON"),
 ])
 def test_malformed_router_data_is_refused_before_the_hidden_state_pass(tmp_path, tiny_dense, data, fragment):

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Optional
 
 from moelab.build.merge import DROPPED_DELTA_WARNING, SharedWeights
-from moelab.build.router_training import read_router_data
 from moelab.build.layouts import (MATCHING_KEYS, MoeLayout, choose_layout, dense_mlp_names, expert_tensor_names,
                                   is_dense_mlp, moe_config_dict)
 from moelab.build.checks import check_build_numbers, check_model_config, check_source_tensors
 from moelab.build.output import (check_apart_from_sources, check_replaceable, finish_build_folder, new_build_folder,
                                  output_lock, remove_stale_folders)
+from moelab.build.router_training import read_router_data
 from moelab.build.sources import local_inputs, resolve_data_path, resolve_model
 from moelab.build.tensors import SAFETENSORS_DTYPES, PlannedTensor, SafetensorsFolder, write_sharded
 from moelab.errors import MoelabError
@@ -138,7 +138,7 @@ def _build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOption
         routing = router_report.to_json() if router_report else None
         _write_metadata(tmp, recipe, recipe_text, layout, routing)
         if options.owner:
-            (tmp / options.owner).write_text("written by moelab build; the folder may be replaced by a re-run\n")
+            (tmp / options.owner).write_text("this folder was written by moelab run, which may replace it\n")
         from moelab.card import model_card
 
         (tmp / "README.md").write_text(

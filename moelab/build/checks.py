@@ -8,9 +8,12 @@ from typing import Iterable
 from moelab.errors import MoelabError
 from moelab.recipe import MAX_SEED
 
-# Config keys the planned shapes are computed from; each must be a positive integer.
+# Config keys the planned shapes are computed from; each must be a positive integer, at most MAX_SIZE (a count of
+# layers or heads at most MAX_COUNT), so that a damaged config cannot make the build plan forever.
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")
 OPTIONAL_SHAPE_KEYS = ("num_key_value_heads", "head_dim")
+COUNT_KEYS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+MAX_SIZE, MAX_COUNT = 2**31 - 1, 4096
 FLOAT_CODES = ("BF16", "F16", "F32", "F64")
 # The dense tensors of the supported families (layouts.DENSE_FAMILIES) and their shapes, in terms of the config:
 # H hidden, I intermediate, V vocabulary, Q = heads x head_dim, K = key-value heads x head_dim, D head_dim.
@@ -53,9 +56,10 @@ def check_model_config(config, ref: str) -> None:
         value = config.get(key)
         if value is None and key in OPTIONAL_SHAPE_KEYS:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise MoelabError(f"config.json of model '{ref}' has {key}={value!r}; it must be a positive whole "
-                              "number (the model folder is damaged or not a transformer LM)")
+        largest = MAX_COUNT if key in COUNT_KEYS else MAX_SIZE
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= largest:
+            raise MoelabError(f"config.json of model '{ref}' has {key}={value!r}; it must be a whole number from 1 "
+                              f"to {largest} (the model folder is damaged or not a transformer LM)")
     if not isinstance(config.get("model_type"), str):
         raise MoelabError(f"config.json of model '{ref}' has no model_type; it is not a transformers model config")
 

@@ -118,8 +118,8 @@ def check_replaceable(out: Path, force: bool, owner: Optional[str]) -> None:
     if not force:
         raise MoelabError(f"{out} already exists; pass --force to replace it, or choose another output folder")
     if owner is not None and not (out / owner).is_file():
-        raise MoelabError(f"{out} exists and was not written by moelab run, which replaces only the model folders "
-                          "it made; move it away, or choose another --out")
+        raise MoelabError(f"{out} exists and was not written by moelab run (it has no {owner} marker), which "
+                          "replaces only the model folders it made; move it away, or choose another --out")
 
 
 def check_apart_from_sources(out: Path, sources: Iterable[tuple[str, Path]], kept: Iterable[tuple[str, Path]]) -> None:

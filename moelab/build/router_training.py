@@ -15,12 +15,12 @@ and `trained`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from moelab.errors import MoelabError
+from moelab.files import json_lines, read_user_text
 from moelab.recipe import Expert, RouterTraining
 
 MIN_EXAMPLES = 2  # one to fit, one held out
@@ -47,27 +47,18 @@ class RouterReport:
 def read_router_data(path: Path) -> list[str]:
     """Examples from a JSONL file (each row's "text", else its string values joined) or a text file (one per line);
     at least two, since some are held out."""
-    try:
-        lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
-    except OSError as err:
-        raise MoelabError(f"cannot read router_data {path}: {err.strerror}; check the path") from None
-    except UnicodeDecodeError as err:
-        raise MoelabError(f"router_data {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
-    examples = [line for _, line in lines] if path.suffix != ".jsonl" else [_jsonl_text(path, n, line) for n, line in lines]
+    text = read_user_text(path, "router_data")
+    if path.suffix == ".jsonl":
+        examples = [_row_text(path, number, row) for number, row in json_lines(text, path, "router_data")]
+    else:
+        examples = [line for line in text.splitlines() if line.strip()]
     if len(examples) < MIN_EXAMPLES:
         raise MoelabError(f"router_data {path} has {len(examples)} example(s); give at least {MIN_EXAMPLES} (some are "
                           "held out to measure routing)")
     return examples
 
 
-def _jsonl_text(path: Path, number: int, line: str) -> str:
-    try:
-        row = json.loads(line)
-    except (ValueError, RecursionError):
-        raise MoelabError(f"{path} line {number} is not JSON; router_data .jsonl needs one object per line") from None
-    if not isinstance(row, dict):
-        raise MoelabError(f"{path} line {number} is a JSON {type(row).__name__}; router_data .jsonl needs one "
-                          'object per line, like {"text": "..."}')
+def _row_text(path: Path, number: int, row: dict) -> str:
     text = row["text"] if "text" in row else " ".join(v for v in row.values() if isinstance(v, str))
     if not isinstance(text, str) or not text.strip():
         raise MoelabError(f'{path} line {number} has no text (a non-empty string in "text", or string fields)')

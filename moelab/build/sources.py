@@ -169,7 +169,8 @@ def _merge_lora(model_dir: Path, adapter: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as err:  # noqa: BLE001 - transformers and peft fail on damaged files with any exception type
         raise MoelabError(f"cannot merge LoRA adapter {adapter} into {model_dir} ({type(err).__name__}: "
-                          f"{str(err)[:200]}); check that both are intact and that the adapter is for that model") from None
+                          f"{str(err)[:200]}); check that both are intact and that the adapter is for that "
+                          "model") from None
     with _filling(target) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
