@@ -11,7 +11,7 @@ from typing import Optional
 
 from moelab.build.merge import DROPPED_DELTA_WARNING, SharedWeights
 from moelab.build.layouts import (DENSE_FAMILIES, MATCHING_KEYS, MoeLayout, choose_layout, dense_mlp_sources,
-                                  expert_tensor_names, input_family, is_dense_mlp, llama_cpp_warning, moe_config_dict,
+                                  expert_tensor_names, input_family, is_dense_mlp, llama_cpp_warnings, moe_config_dict,
                                   split_tensor)
 from moelab.build.sources import resolve_model
 from moelab.build.tensors import SAFETENSORS_DTYPES, PlannedTensor, SafetensorsFolder, write_sharded
@@ -85,7 +85,7 @@ def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions
     shared_deltas = shared_weights.relative_deltas()
     warnings = [f"recipe key '{key}' is not used by moelab (mergekit-moe ignores it too); it is ignored"
                 for key in recipe.ignored_keys()]
-    warnings += family_warnings + [w for w in [llama_cpp_warning(len(experts))] if w]
+    warnings += family_warnings + llama_cpp_warnings(layout, len(experts), bool(shared))
     warnings += [
         f"expert {name} changed the shared (non-MLP) weights by {delta:.1%} of their norm, and shared_weights: "
         "base drops that; use shared_weights: task_arithmetic to keep it"

@@ -91,6 +91,8 @@ class MoeLayout:
     shared_expert: Optional[dict[str, str]] = None
     shared_expert_gate: Optional[str] = None  # None: the shared expert is always on, with weight 1 (no prompts)
     empty_shared_slot: bool = False  # without a shared expert, one of size 0 is still written
+    # llama.cpp's loader for this layout requires a shared expert of full size (src/models/<arch>.cpp).
+    llama_cpp_needs_shared_expert: bool = False
     # Extra config keys: {E} experts, {k} experts per token, {I} intermediate size, {shared_I} shared size,
     # {shared_n} number of shared experts (None when there is none).
     config: dict = field(default_factory=dict)
@@ -130,7 +132,7 @@ LAYOUTS = {
                     "AutoModel": "deepseek-ai/deepseek-moe-16b-base--modeling_deepseek.DeepseekModel",
                     "AutoModelForCausalLM":
                         "deepseek-ai/deepseek-moe-16b-base--modeling_deepseek.DeepseekForCausalLM"}},
-        remote_code="deepseek-ai/deepseek-moe-16b-base",
+        remote_code="deepseek-ai/deepseek-moe-16b-base", llama_cpp_needs_shared_expert=True,
     ),
     "qwen2_moe": MoeLayout(
         arch_id="qwen2_moe", model_type="qwen2_moe", hf_architecture="Qwen2MoeForCausalLM",
@@ -143,6 +145,7 @@ LAYOUTS = {
                        "up": "model.layers.{layer}.mlp.shared_expert.up_proj.weight",
                        "down": "model.layers.{layer}.mlp.shared_expert.down_proj.weight"},
         shared_expert_gate="model.layers.{layer}.mlp.shared_expert_gate.weight", empty_shared_slot=True,
+        llama_cpp_needs_shared_expert=True,
         config={"num_experts": "{E}", "num_experts_per_tok": "{k}", "moe_intermediate_size": "{I}",
                 "shared_expert_intermediate_size": "{shared_I}", "decoder_sparse_step": 1, "mlp_only_layers": [],
                 "norm_topk_prob": True, "use_sliding_window": False, "sliding_window": None},
@@ -281,11 +284,18 @@ def _config_size(config: dict, key: str) -> int:
     return config[key]
 
 
-def llama_cpp_warning(num_experts: int) -> Optional[str]:
-    if num_experts & (num_experts - 1) == 0:
-        return None
-    return (f"{num_experts} experts is not a power of two; llama.cpp's GPU kernels for MoE models have needed one, "
-            "so a GGUF of this model may fail there; use 2, 4 or 8 experts")
+def llama_cpp_warnings(layout: MoeLayout, num_experts: int, has_shared_expert: bool) -> list[str]:
+    """What keeps the output from running in llama.cpp (read from the llama.cpp in llama-cpp-python 0.3.36)."""
+    warnings = []
+    if num_experts & (num_experts - 1):
+        # ggml-cuda/topk-moe.cu: the fused routing kernel is instantiated for powers of two only.
+        warnings.append(f"{num_experts} experts is not a power of two: llama.cpp's fused CUDA routing kernel takes "
+                        "only powers of two (other counts run a slower path) and mergekit-moe calls such models "
+                        "unusable in llama.cpp; 2, 4 or 8 experts avoid it")
+    if layout.llama_cpp_needs_shared_expert and not has_shared_expert:
+        warnings.append(f"llama.cpp loads {layout.arch_id} only with a shared expert, so this model will not load "
+                        "there; add one (shared_experts, e.g. the base model) for a llama.cpp-ready model")
+    return warnings
 
 
 def expert_tensor_names(layout: MoeLayout, layer: int, expert: int) -> dict[str, str]:
