@@ -79,6 +79,9 @@ def test_a_spelling_builds_the_layout_mergekit_would(tmp_path, tiny_dense, case)
     result = build_moe(parse_recipe(text), text, tmp_path / "moe", BuildOptions(show_progress=False))
     assert result.architecture == layout
     assert read_json(tmp_path / "moe" / "config.json")["model_type"] == {"deepseek_moe": "deepseek"}.get(layout, layout)
+    needs_shared = layout in ("deepseek_moe", "qwen2_moe") and not shared
+    assert any(w.startswith(f"llama.cpp loads {layout} only with a shared expert") for w in result.warnings) == (
+        needs_shared)
 
 
 def test_a_fine_spelling_of_an_impossible_combination_says_why(tmp_path, tiny_dense):

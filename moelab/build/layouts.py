@@ -8,11 +8,14 @@ from typing import Callable, Optional
 
 from moelab.errors import MoelabError
 
-DENSE_MLP = {
-    "gate": "model.layers.{layer}.mlp.gate_proj.weight",
-    "up": "model.layers.{layer}.mlp.up_proj.weight",
-    "down": "model.layers.{layer}.mlp.down_proj.weight",
-}
+
+def _swiglu(prefix: str) -> dict[str, str]:
+    """Role (gate/up/down) -> tensor name of the MLP at `prefix` (with {layer} and {expert} placeholders)."""
+    return {role: f"{prefix}.{role}_proj.weight" for role in ("gate", "up", "down")}
+
+
+DENSE_MLP = _swiglu("model.layers.{layer}.mlp")
+DEEPSEEK_CODE = "deepseek-ai/deepseek-moe-16b-base"  # the Hub repo with DeepSeek-MoE's modelling code
 
 
 @dataclass(frozen=True)
@@ -117,33 +120,23 @@ LAYOUTS = {
     "deepseek_moe": MoeLayout(
         arch_id="deepseek_moe", model_type="deepseek", hf_architecture="DeepseekForCausalLM", config_class=None,
         input_families=("llama", "mistral"),
-        expert={"gate": "model.layers.{layer}.mlp.experts.{expert}.gate_proj.weight",
-                "up": "model.layers.{layer}.mlp.experts.{expert}.up_proj.weight",
-                "down": "model.layers.{layer}.mlp.experts.{expert}.down_proj.weight"},
+        expert=_swiglu("model.layers.{layer}.mlp.experts.{expert}"),
         router="model.layers.{layer}.mlp.gate.weight",
-        shared_expert={"gate": "model.layers.{layer}.mlp.shared_experts.gate_proj.weight",
-                       "up": "model.layers.{layer}.mlp.shared_experts.up_proj.weight",
-                       "down": "model.layers.{layer}.mlp.shared_experts.down_proj.weight"},
+        shared_expert=_swiglu("model.layers.{layer}.mlp.shared_experts"),
         config={"n_routed_experts": "{E}", "n_shared_experts": "{shared_n}", "num_experts_per_tok": "{k}",
                 "first_k_dense_replace": 0, "moe_layer_freq": 1, "scoring_func": "softmax", "norm_topk_prob": True,
                 "moe_intermediate_size": "{I}",
-                "auto_map": {
-                    "AutoConfig": "deepseek-ai/deepseek-moe-16b-base--configuration_deepseek.DeepseekConfig",
-                    "AutoModel": "deepseek-ai/deepseek-moe-16b-base--modeling_deepseek.DeepseekModel",
-                    "AutoModelForCausalLM":
-                        "deepseek-ai/deepseek-moe-16b-base--modeling_deepseek.DeepseekForCausalLM"}},
-        remote_code="deepseek-ai/deepseek-moe-16b-base", llama_cpp_needs_shared_expert=True,
+                "auto_map": {"AutoConfig": f"{DEEPSEEK_CODE}--configuration_deepseek.DeepseekConfig",
+                             "AutoModel": f"{DEEPSEEK_CODE}--modeling_deepseek.DeepseekModel",
+                             "AutoModelForCausalLM": f"{DEEPSEEK_CODE}--modeling_deepseek.DeepseekForCausalLM"}},
+        remote_code=DEEPSEEK_CODE, llama_cpp_needs_shared_expert=True,
     ),
     "qwen2_moe": MoeLayout(
         arch_id="qwen2_moe", model_type="qwen2_moe", hf_architecture="Qwen2MoeForCausalLM",
         config_class="Qwen2MoeConfig", input_families=("llama", "mistral", "qwen2"),
-        expert={"gate": "model.layers.{layer}.mlp.experts.{expert}.gate_proj.weight",
-                "up": "model.layers.{layer}.mlp.experts.{expert}.up_proj.weight",
-                "down": "model.layers.{layer}.mlp.experts.{expert}.down_proj.weight"},
+        expert=_swiglu("model.layers.{layer}.mlp.experts.{expert}"),
         router="model.layers.{layer}.mlp.gate.weight",
-        shared_expert={"gate": "model.layers.{layer}.mlp.shared_expert.gate_proj.weight",
-                       "up": "model.layers.{layer}.mlp.shared_expert.up_proj.weight",
-                       "down": "model.layers.{layer}.mlp.shared_expert.down_proj.weight"},
+        shared_expert=_swiglu("model.layers.{layer}.mlp.shared_expert"),
         shared_expert_gate="model.layers.{layer}.mlp.shared_expert_gate.weight", empty_shared_slot=True,
         llama_cpp_needs_shared_expert=True,
         config={"num_experts": "{E}", "num_experts_per_tok": "{k}", "moe_intermediate_size": "{I}",
@@ -153,9 +146,7 @@ LAYOUTS = {
     "qwen3_moe": MoeLayout(
         arch_id="qwen3_moe", model_type="qwen3_moe", hf_architecture="Qwen3MoeForCausalLM",
         config_class="Qwen3MoeConfig", input_families=("qwen3",),
-        expert={"gate": "model.layers.{layer}.mlp.experts.{expert}.gate_proj.weight",
-                "up": "model.layers.{layer}.mlp.experts.{expert}.up_proj.weight",
-                "down": "model.layers.{layer}.mlp.experts.{expert}.down_proj.weight"},
+        expert=_swiglu("model.layers.{layer}.mlp.experts.{expert}"),
         router="model.layers.{layer}.mlp.gate.weight",
         config={"num_experts": "{E}", "num_experts_per_tok": "{k}", "moe_intermediate_size": "{I}",
                 "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
