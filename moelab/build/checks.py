@@ -16,7 +16,8 @@ COUNT_KEYS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 MAX_SIZE, MAX_COUNT = 2**31 - 1, 4096
 FLOAT_CODES = ("BF16", "F16", "F32", "F64")
 # The dense tensors of the supported families (layouts.DENSE_FAMILIES) and their shapes, in terms of the config:
-# H hidden, I intermediate, V vocabulary, Q = heads x head_dim, K = key-value heads x head_dim, D head_dim.
+# H hidden, I intermediate, V vocabulary, Q = heads x head_dim, K = key-value heads x head_dim, D head_dim
+# (QKV = Q + 2K, 2I = 2 x I for fused tensors).
 DENSE_SHAPES = {
     "model.embed_tokens.weight": ("V", "H"),
     "lm_head.weight": ("V", "H"),
@@ -35,6 +36,8 @@ DENSE_SHAPES = {
     "model.layers.N.mlp.gate_proj.weight": ("I", "H"),
     "model.layers.N.mlp.up_proj.weight": ("I", "H"),
     "model.layers.N.mlp.down_proj.weight": ("H", "I"),
+    "model.layers.N.self_attn.qkv_proj.weight": ("QKV", "H"),  # phi3's fused q, k and v
+    "model.layers.N.mlp.gate_up_proj.weight": ("2I", "H"),  # phi3's fused gate and up
 }
 LAYER_INDEX = re.compile(r"^model\.layers\.\d+\.")
 
@@ -70,6 +73,7 @@ def planned_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     sizes = {"H": config["hidden_size"], "I": config["intermediate_size"], "V": config["vocab_size"], "D": head_dim,
              "Q": heads * head_dim, "K": config.get("num_key_value_heads", heads) * head_dim}
+    sizes.update({"QKV": sizes["Q"] + 2 * sizes["K"], "2I": 2 * sizes["I"]})
     return {name: tuple(sizes[d] for d in dims) for name, dims in DENSE_SHAPES.items()}
 
 
