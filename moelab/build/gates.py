@@ -95,38 +95,7 @@ def gate_pass_model(base_dir: Path, device: str, load_in_4bit: bool, load_in_8bi
             quantization_config=BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit))
         model.eval()
         return model, False
-    model = skeleton_model(base_dir, device)
-    if device == "cpu":
-        _compute_layers_in_float32(model)
-    return model, True
-
-
-def _compute_layers_in_float32(model) -> None:
-    """Keep bf16 weights but run each decoder layer in float32, cast up for its forward and back after.
-
-    CPUs without bf16 matrix units run bf16 matmuls several times slower than float32; only the layer that runs
-    is ever in float32.
-    """
-    import torch
-
-    def cast(value, dtype):
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value.to(dtype)
-        if isinstance(value, tuple):
-            return tuple(cast(v, dtype) for v in value)
-        return value
-
-    def before(layer, args, kwargs):
-        layer.float()
-        return cast(args, torch.float32), {k: cast(v, torch.float32) for k, v in kwargs.items()}
-
-    def after(layer, _args, output):
-        layer.to(torch.bfloat16)
-        return cast(output, torch.bfloat16)
-
-    for layer in model.model.layers:
-        layer.register_forward_pre_hook(before, with_kwargs=True)
-        layer.register_forward_hook(after)
+    return skeleton_model(base_dir, device), True
 
 
 def resolve_device(device: str) -> str:

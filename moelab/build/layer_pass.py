@@ -75,12 +75,17 @@ class LayerPass:
 
     `model` is either a skeleton on the meta device whose layers get their weights from run_layer, or (4/8-bit
     loading) a whole loaded model, whose layers are used as they are.
+
+    Weights are bf16, as in a bf16 model. On the CPU each layer computes in float32 (its bf16 weights cast up
+    once, the residual stream cast back to bf16 between layers): CPUs without bf16 matrix units run bf16 matmuls
+    several times slower, and only the running layer is ever in float32.
     """
 
     def __init__(self, model, batches: list[PromptBatch], device: str, streamed: bool):
         import torch
 
         self.model, self.batches, self.device, self.streamed = model, batches, device, streamed
+        self.compute_dtype = torch.float32 if device == "cpu" else torch.bfloat16
         self.num_layers = len(model.model.layers)
         self.layer_args: list[dict] = []   # per batch: layer index -> keyword arguments of that layer
         self.hidden: list = []             # per batch: the residual stream entering the next layer to run
@@ -112,7 +117,8 @@ class LayerPass:
             finally:
                 inner.layers = layers
             self.hidden.append(calls.pop("embedded"))
-            self.layer_args.append(calls)
+            self.layer_args.append({index: {k: _cast(v, self.compute_dtype) for k, v in kwargs.items()}
+                                    for index, kwargs in calls.items()})
         if self.streamed:
             inner.embed_tokens.to("meta")
 
@@ -127,19 +133,29 @@ class LayerPass:
         layer = self.model.model.layers[index]
         if self.streamed:
             prefix = layer_prefix(index)
-            layer.load_state_dict({name[len(prefix):]: tensor.to(torch.bfloat16).to(self.device)
+            layer.load_state_dict({name[len(prefix):]: tensor.to(torch.bfloat16).to(self.device, self.compute_dtype)
                                    for name, tensor in weights.items()}, assign=True)
         states = []
         with torch.no_grad():
             for b, batch in enumerate(self.batches):
                 entering = self.hidden[b]
-                self.hidden[b] = layer(entering, **self.layer_args[b][index])
+                self.hidden[b] = layer(entering.to(self.compute_dtype), **self.layer_args[b][index]).to(torch.bfloat16)
                 states.append((self._router_input if router_input else entering).float().cpu())
                 self._router_input = None
         if self.streamed:
             layer.to("meta")
         self.next_layer += 1
         return states
+
+
+def _cast(value, dtype):
+    import torch
+
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, tuple):
+        return tuple(_cast(v, dtype) for v in value)
+    return value
 
 
 def skeleton_model(base_dir: Path, device: str):

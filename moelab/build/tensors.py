@@ -209,17 +209,17 @@ class ReadAhead:
 
 
 def bound_malloc() -> None:
-    """Keep freed tensor memory from piling up in glibc's heaps (no-op without glibc).
+    """At most two glibc heaps for all threads (no-op without glibc).
 
-    Tensors from 1 MiB up get their own mappings, returned to the system when freed, instead of glibc's default
-    threshold that rises to 32 MiB after the first large frees; and threads share at most two heaps.
+    glibc gives each thread that allocates its own heap, up to 8 per core, and memory freed into one heap is not
+    reused by the others: with the read-ahead thread allocating every tensor and the main thread freeing it,
+    the build's footprint would otherwise grow by heaps that hold only freed tensors.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    m_mmap_threshold, m_arena_max = -3, -8
-    libc.mallopt(m_mmap_threshold, 1 << 20)
+    m_arena_max = -8
     libc.mallopt(m_arena_max, 2)
 
 
