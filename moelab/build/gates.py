@@ -25,6 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
+from moelab.build.layouts import dense_mlp_names
 from moelab.build.layer_pass import EMBEDDING, LayerPass, layer_prefix, prompt_batches
 
 from moelab.errors import MoelabError
@@ -191,9 +192,9 @@ class RouterRows:
             token_groups += training.groups
         self._pass = LayerPass(model, prompt_batches(token_groups), resolve_device(device), streamed)
         self._streamed = streamed
-        if streamed:
-            self.wanted = {EMBEDDING} | {n for n in shared_weights.names if n.startswith("model.layers.")}
         if training is None:
+            if streamed:
+                self.wanted = {EMBEDDING} | {n for n in shared_weights.names if n.startswith("model.layers.")}
             return
         per_layer = []
         self._pass.embed(shared_weights.get(EMBEDDING) if streamed else None)
@@ -216,8 +217,6 @@ class RouterRows:
 
     @staticmethod
     def dense_mlp(layer: int) -> list[str]:
-        from moelab.build.layouts import dense_mlp_names
-
         return list(dense_mlp_names(layer).values())
 
     def layer_reads(self, layer: int) -> list:
@@ -234,8 +233,6 @@ class RouterRows:
 
     def rows(self, layer: int, *mlp):
         """Layer `layer`'s rows (E, H) float32; layers are asked for in order. `mlp`: the tensors of layer_reads."""
-        import torch
-
         if self.mode == "cheap_embed" and not self._known:
             embedding = self._offered.pop(EMBEDDING)
             self.gates = cheap_embed_gates(embedding, self.tokenizer, self.experts, self.num_layers)
@@ -254,8 +251,6 @@ class RouterRows:
 
     def _advance(self, layer: int, weights):
         """Run the pass through `layer` and set its hidden-mode rows; returns the per-batch states."""
-        import torch
-
         states = self._pass.run_layer(weights, router_input=self.mode in ("hidden", "trained"))
         pool_mode = "hidden" if self.mode == "trained" else self.mode
         skip_first = self.tokenizer.bos_token_id is not None
