@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -9,8 +10,9 @@ from pathlib import Path
 from typing import Optional
 
 from moelab.build.merge import DROPPED_DELTA_WARNING, SharedWeights
-from moelab.build.layouts import (MATCHING_KEYS, MoeLayout, choose_layout, dense_mlp_names, expert_tensor_names,
-                                  is_dense_mlp, moe_config_dict)
+from moelab.build.layouts import (DENSE_FAMILIES, MATCHING_KEYS, MoeLayout, choose_layout, dense_mlp_sources,
+                                  expert_tensor_names, input_family, is_dense_mlp, llama_cpp_warnings, moe_config_dict,
+                                  split_tensor)
 from moelab.build.sources import resolve_model
 from moelab.build.tensors import (SAFETENSORS_DTYPES, PlannedTensor, SafetensorsFolder, SourceTensor, bound_malloc,
                                   write_sharded)
@@ -70,13 +72,20 @@ def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions
     for role, model in [(f"expert {i} ({recipe.expert_names()[i]})", m) for i, m in enumerate(experts)] + \
             [("shared expert", m) for m in shared]:
         _check_compatible(base, model, role)
-    layout = choose_layout(recipe.output_architecture(), base.config.get("model_type", "?"), bool(shared))
+    family, family_warnings = input_family(base.config)
+    shared_spec = (recipe.shared_experts or [None])[0]
+    layout = choose_layout(recipe.output_architectures(), family.model_type, bool(shared),
+                           bool(shared_spec and (shared_spec.positive_prompts or shared_spec.negative_prompts)),
+                           recipe.architecture)
     out_dtype = recipe.torch_dtype_name() or _config_dtype(base.config)
 
     from moelab.build.gates import RouterRows, similar_expert_pairs
 
     shared_weights = _shared_weights(recipe, base, experts + shared)
     shared_weights.check_shapes()
+    warnings = [f"recipe key '{key}' is not used by moelab (mergekit-moe ignores it too); it is ignored"
+                for key in recipe.ignored_keys()]
+    warnings += family_warnings + llama_cpp_warnings(layout, len(experts), bool(shared))
     if shared_weights.merged and (options.load_in_4bit or options.load_in_8bit):
         raise MoelabError(f"shared_weights: {recipe.shared_weights} cannot run the hidden-state pass in 4/8-bit "
                           "yet; drop --load-in-4bit/--load-in-8bit")
@@ -94,7 +103,7 @@ def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions
     try:
         shard_names = _write_with_progress(plan, tmp, options)
         shared_deltas = shared_weights.relative_deltas()
-        warnings = [
+        warnings += [
             f"expert {name} changed the shared (non-MLP) weights by {delta:.1%} of their norm, and shared_weights: "
             "base drops that; use shared_weights: task_arithmetic to keep it"
             for name, delta in shared_deltas.items()
@@ -179,19 +188,31 @@ def plan_tensors(layout: MoeLayout, base: ResolvedModel, shared_weights: SharedW
     code = SAFETENSORS_DTYPES[out_dtype]
     num_layers, hidden = base.config["num_hidden_layers"], base.config["hidden_size"]
     num_experts = len(experts)
+    family = DENSE_FAMILIES[base.config["model_type"]]
     plan: list[PlannedTensor] = []
 
-    def from_source(source: SafetensorsFolder, name: str, out_name: str, spec: Expert, role: str, salt: int):
+    def from_source(source: SafetensorsFolder, name_rows: tuple[str, Optional[tuple[int, int]]], out_name: str,
+                    spec: Expert, role: str, salt: int):
+        name, rows = name_rows
+
         def produce(tensor):
-            return _noise_and_scale(tensor, spec, role, seed, salt).to(dtype)
-        plan.append(PlannedTensor(out_name, source.info(name)[0], code, produce, [SourceTensor(source, name)]))
+            return _noise_and_scale(_take_rows(tensor, rows), spec, role, seed, salt).to(dtype)
+        plan.append(PlannedTensor(out_name, _rows_shape(source.info(name)[0], rows), code, produce,
+                                  [SourceTensor(source, name)]))
+
+    last_merged: dict[str, object] = {}  # a fused tensor (Phi-3's qkv_proj) is merged once for all its parts
 
     def merged_shared(name: str):
-        def produce(*tensors):
-            merged = shared_weights.merge(name, *tensors)
-            routers.offer(name, merged)
-            return merged.to(dtype)
-        plan.append(PlannedTensor(name, base.tensors.info(name)[0], code, produce, shared_weights.reads(name)))
+        def produce(rows, *tensors):
+            if name not in last_merged:
+                last_merged.clear()
+                last_merged[name] = shared_weights.merge(name, *tensors)
+                routers.offer(name, last_merged[name])
+            return _take_rows(last_merged[name], rows).to(dtype)
+        shape = base.tensors.info(name)[0]
+        for out_name, rows in split_tensor(family, base.config, name):
+            plan.append(PlannedTensor(out_name, _rows_shape(shape, rows), code, functools.partial(produce, rows),
+                                      shared_weights.reads(name)))
 
     by_layer: dict[Optional[int], list[str]] = {}
     for name in shared_weights.names:
@@ -201,23 +222,25 @@ def plan_tensors(layout: MoeLayout, base: ResolvedModel, shared_weights: SharedW
     for layer in range(num_layers):
         for name in by_layer.get(layer, []):
             merged_shared(name)
-        dense = dense_mlp_names(layer)
+        dense = dense_mlp_sources(family, base.config, layer)
         for e, (model, spec) in enumerate(zip(experts, recipe.experts)):
             for role, out_name in expert_tensor_names(layout, layer, e).items():
                 from_source(model.tensors, dense[role], out_name, spec, role, salt=layer * 1000 + e)
         plan.append(PlannedTensor(layout.router.format(layer=layer), (num_experts, hidden), code,
                                   lambda *mlp, layer=layer: routers.rows(layer, *mlp)[:num_experts].contiguous()
                                   .to(dtype), routers.layer_reads(layer)))
-        if layout.shared_expert is None:
+        if layout.shared_expert is None or not (shared or layout.empty_shared_slot):
             continue
         shared_names = {role: n.format(layer=layer) for role, n in layout.shared_expert.items()}
-        gate_name = layout.shared_expert_gate.format(layer=layer)
+        gate_name = layout.shared_expert_gate and layout.shared_expert_gate.format(layer=layer)
         if shared:
             for role, out_name in shared_names.items():
                 from_source(shared[0].tensors, dense[role], out_name, recipe.shared_experts[0], role,
                             salt=layer * 1000 + 999)
-            plan.append(PlannedTensor(gate_name, (1, hidden), code,
-                                      lambda layer=layer: routers.gates[layer, num_experts:].contiguous().to(dtype)))
+            if gate_name:
+                plan.append(PlannedTensor(gate_name, (1, hidden), code,
+                                          lambda layer=layer: routers.gates[layer, num_experts:].contiguous()
+                                          .to(dtype)))
         else:
             # Qwen2-MoE always has a shared-expert slot: an empty one (size 0) adds nothing.
             for role, out_name in shared_names.items():
@@ -230,6 +253,14 @@ def plan_tensors(layout: MoeLayout, base: ResolvedModel, shared_weights: SharedW
 def _layer_of(name: str) -> Optional[int]:
     parts = name.split(".")
     return int(parts[2]) if name.startswith("model.layers.") and parts[2].isdigit() else None
+
+
+def _rows_shape(shape: tuple[int, ...], rows: Optional[tuple[int, int]]) -> tuple[int, ...]:
+    return shape if rows is None else (rows[1] - rows[0],) + tuple(shape[1:])
+
+
+def _take_rows(tensor, rows: Optional[tuple[int, int]]):
+    return tensor if rows is None else tensor[rows[0]:rows[1]].contiguous()
 
 
 def _noise_and_scale(tensor, spec: Expert, role: str, seed: int, salt: int):
@@ -260,6 +291,9 @@ def _write_with_progress(plan: list[PlannedTensor], folder: Path, options: Build
 def _write_config(layout: MoeLayout, config: dict, folder: Path) -> None:
     import transformers
 
+    if layout.config_class is None:
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return
     getattr(transformers, layout.config_class)(**config).save_pretrained(folder)
 
 

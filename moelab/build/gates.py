@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from moelab.build.layouts import dense_mlp_names
+from moelab.build.layouts import is_dense_mlp
 from moelab.build.layer_pass import EMBEDDING, LayerPass, layer_prefix, prompt_batches
 
 from moelab.errors import MoelabError
@@ -215,9 +215,9 @@ class RouterRows:
         self.gates[:, :self.routed] = fitted
         self._known = True
 
-    @staticmethod
-    def dense_mlp(layer: int) -> list[str]:
-        return list(dense_mlp_names(layer).values())
+    def dense_mlp(self, layer: int) -> list[str]:
+        """The base's own MLP tensors of `layer` (fused ones, like Phi-3's gate_up_proj, as they are stored)."""
+        return [n for n in self.base.tensors.names() if n.startswith(layer_prefix(layer)) and is_dense_mlp(n)]
 
     def layer_reads(self, layer: int) -> list:
         """The base tensors that rows(layer) reads: its dense MLP when the pass streams."""
