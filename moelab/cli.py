@@ -177,6 +177,10 @@ def eval_command(
                                             "moelab for hf, lm-eval for vllm."),
     batch_tokens: Optional[int] = typer.Option(None, help="moelab engine: tokens per forward pass, padding "
                                                           "included (default: 32768 on GPU, 4096 on CPU)."),
+    parallel: str = typer.Option("auto", help="Several GPUs: replicas (one model per GPU, requests split; moelab "
+                                              "engine), shard (one model across them), single; auto: replicas when "
+                                              "the weights fit one GPU, else shard."),
+    gpus: Optional[int] = typer.Option(None, help="Use this many of the visible GPUs (default: all)."),
     batch_size: str = typer.Option("auto", help="lm-eval engine and generation tasks: batch size, or auto (probed "
                                                 "on GPU; 8 on CPU)."),
     max_length: Optional[int] = typer.Option(None, help="Longest context in tokens (default: the model's)."),
@@ -209,7 +213,8 @@ def eval_command(
     from moelab.eval.report import report_view
 
     settings = EvalSettings(tasks=tasks.split(","), limit=limit, backend=backend, device=device, dtype=dtype,
-                            batch_size=batch_size, max_length=max_length, engine=engine, batch_tokens=batch_tokens)
+                            batch_size=batch_size, max_length=max_length, engine=engine, batch_tokens=batch_tokens,
+                            parallel=parallel, gpus=gpus)
     report_path = output or default_report_path(push or model)
     if remote is not None:
         from moelab.eval.remote import RemoteOptions

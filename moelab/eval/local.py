@@ -165,13 +165,27 @@ def resolve_settings(settings: EvalSettings) -> EvalSettings:
                    batch_tokens=batch_tokens)
 
 
+def resolve_parallel(model: str, settings: EvalSettings) -> tuple[EvalSettings, list[str]]:
+    """Settings with the parallel strategy this machine will use, and the devices of its replicas or shards."""
+    from moelab.eval.parallel import plan_for
+
+    plan = plan_for(model, settings.dtype, settings.device, settings.parallel, settings.gpus)
+    if plan.strategy == "replicas" and settings.engine != "moelab":
+        raise MoelabError("--parallel replicas needs --engine moelab (lm-eval's engine runs replicas only under "
+                          "accelerate launch)")
+    on_gpus = plan.devices[0].startswith("cuda")
+    return replace(settings, parallel=plan.strategy, gpus=len(plan.devices) if on_gpus else None), plan.devices
+
+
 def load_language_model(model: str, settings: EvalSettings):
     from lm_eval.api.registry import get_model
 
     batch_size = int(settings.batch_size) if settings.batch_size.isdigit() else settings.batch_size
     arguments = dict(pretrained=model, dtype=settings.dtype, batch_size=batch_size, max_length=settings.max_length,
                      add_bos_token=False)  # the Nous harness encodes with add_special_tokens=False
-    if settings.backend == "hf":
+    if settings.backend == "hf" and settings.parallel == "shard":
+        arguments["parallelize"] = True  # device_map="auto" over the visible GPUs
+    elif settings.backend == "hf":
         arguments["device"] = settings.device
     try:
         return get_model(settings.backend)(**arguments)
@@ -310,6 +324,8 @@ def run_eval(model: str, settings: EvalSettings, data_dir: Path | None, output: 
     check_writable(output)
     settings = resolve_settings(replace(settings, tasks=[t.name for t in tasks],
                                         num_fewshot={t.name: t.num_fewshot for t in tasks}))
+    settings, devices = resolve_parallel(model, settings)
+    replica_devices = devices if settings.parallel == "replicas" else []
 
     cache_dir = cache_dir_for(output)
     fingerprints = {t.name: task_fingerprint(model, content_hash, settings, t, data_dir) for t in tasks}
@@ -338,13 +354,15 @@ def run_eval(model: str, settings: EvalSettings, data_dir: Path | None, output: 
             revision = getattr(getattr(getattr(lm, "model", None), "config", None), "_commit_hash", None)
         evaluating = time.perf_counter()
         if pending and settings.engine == "moelab":
-            from moelab.eval.scheduler import run_scheduled
+            from moelab.eval.scheduler import ScheduleOptions, run_scheduled
 
             bar.update(overall, description=f"{len(pending)} tasks in one pass")
             requests = bar.add_task("requests", total=None, unit="requests")
             stats = run_scheduled(lm, pending, settings, data_dir, task_manager, cache_dir / "requests.jsonl",
                                   fingerprints, finish,
-                                  on_progress=lambda done, total: bar.update(requests, completed=done, total=total))
+                                  on_progress=lambda done, total: bar.update(requests, completed=done, total=total),
+                                  options=ScheduleOptions(settings.batch_tokens, replica=(model, settings.dtype),
+                                                          replica_devices=tuple(replica_devices)))
         else:
             for task in pending:
                 bar.update(overall, description=task.name)

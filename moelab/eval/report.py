@@ -7,7 +7,8 @@ Schema version 1 (all fields always present; JSON null where a value is unknown)
   recipe: the moelab recipe (dict) when the model was built by moelab, else None.
 - settings: EvalSettings (tasks, num_fewshot per task, limit, backend, device, dtype, batch_size, max_length,
   engine: "moelab" (one scheduled pass, moelab/eval/scheduler.py) or "lm-eval" (lm-eval's own loop, task by task),
-  batch_tokens: the moelab engine's tokens per forward pass, None for lm-eval).
+  batch_tokens: the moelab engine's tokens per forward pass, None for lm-eval; parallel: the strategy used, single,
+  replicas (one model per GPU, requests split) or shard (one model across GPUs); gpus: how many GPUs it used).
 - results: one TaskResult per task (value and stderr are fractions in 0..1; n = examples scored).
 - groups: {"AGIEval"|"GPT4All"|"TruthfulQA"|"Bigbench": mean of its task values x100, rounded to 2}, only for a
   group whose tasks all ran; average: mean of the four rounded group scores, rounded to 2, only when all four exist.
@@ -45,6 +46,8 @@ class EvalSettings:
     max_length: int | None = None
     engine: str = "auto"
     batch_tokens: int | None = None
+    parallel: str = "auto"  # auto, single, replicas or shard (see moelab/eval/parallel.py)
+    gpus: int | None = None  # GPUs to use of those visible; None: all
 
 
 @dataclass

@@ -35,6 +35,10 @@ TOKENIZE_CHUNK = 1024  # strings per fast-tokenizer call
 class ScheduleOptions:
     batch_tokens: int  # most tokens one forward pass holds, padding included
     prefetch_batches: int = 2  # batches collated ahead on the CPU
+    # Data-parallel: the devices of all replicas (the loaded model's first), and what a worker process loads for
+    # the others: (model folder or Hub id, dtype). One device: no worker processes.
+    replica_devices: tuple[str, ...] = ()
+    replica: tuple[str, str] | None = None
 
 
 @dataclass
@@ -268,15 +272,11 @@ def answer_logprobs(model, batch: Collated):
     return sums, misses == 0
 
 
-def score_encoded(model, encoded: list[tuple[list[int], list[int]]], max_length: int, options: ScheduleOptions,
-                  stats: ScheduleStats, on_batch: Callable[[list[int], list[tuple[float, bool]]], None]) -> None:
-    """Score every encoded request; after each batch, on_batch(request indices, [(loglikelihood, is_greedy)])."""
+def score_batches(model, batches: list[list[Row]], options: ScheduleOptions, stats: ScheduleStats,
+                  on_batch: Callable[[list[int], list[tuple[float, bool]]], None]) -> None:
+    """Run each batch; after each, on_batch(request indices, [(loglikelihood, is_greedy)])."""
     import torch
 
-    rows = plan_rows(encoded, max_length)
-    batches = batches_of(rows, options.batch_tokens)
-    stats.rows += len(rows)
-    stats.batches += len(batches)
     pin = next(model.parameters()).device.type == "cuda"
     with torch.inference_mode():
         for batch in collated_ahead(batches, pin, options.prefetch_batches):
@@ -348,8 +348,20 @@ def scheduled_lm(hf_lm, options: ScheduleOptions, cache: RequestCache | None = N
                     on_progress(done, len(requests))
 
             started = time.perf_counter()
-            score_encoded(hf_lm.model, encoded, hf_lm.max_length, options, self.stats, record)
+            rows = plan_rows(encoded, hf_lm.max_length)
+            batches = batches_of(rows, options.batch_tokens)
+            self.stats.rows += len(rows)
+            self.stats.batches += len(batches)
+            if len(options.replica_devices) > 1:
+                from moelab.eval.parallel import score_replicated
+
+                score_replicated(hf_lm.model, options.replica, list(options.replica_devices), batches, options,
+                                 self.stats, record)
+            else:
+                score_batches(hf_lm.model, batches, options, self.stats, record)
             self.stats.score_s += time.perf_counter() - started
+            if None in answers:
+                raise RuntimeError(f"{answers.count(None)} requests were left unscored")
             return [(float(ll), bool(greedy)) for ll, greedy in answers]
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
@@ -393,7 +405,8 @@ def evaluate_in_one_pass(lm, tasks: list, settings, data_dir: Path | None, task_
 
 
 def run_scheduled(hf_lm, tasks: list, settings, data_dir: Path | None, task_manager, cache_file: Path,
-                  fingerprints: dict[str, str], on_result: Callable, on_progress: Callable[[int, int], None]):
+                  fingerprints: dict[str, str], on_result: Callable, on_progress: Callable[[int, int], None],
+                  options: ScheduleOptions):
     """Evaluate `tasks` with the moelab engine; on_result(task, TaskResult) as each is done. Returns ScheduleStats.
 
     The Nous tasks go in one pass. When their data does not read (a malformed --data-dir file), they are run again
@@ -403,8 +416,7 @@ def run_scheduled(hf_lm, tasks: list, settings, data_dir: Path | None, task_mana
     from moelab.eval.domain import DomainTask
     from moelab.eval.local import data_error_types, evaluate_task
 
-    lm = scheduled_lm(hf_lm, ScheduleOptions(batch_tokens=settings.batch_tokens),
-                      RequestCache(cache_file, fingerprints), on_progress)
+    lm = scheduled_lm(hf_lm, options, RequestCache(cache_file, fingerprints), on_progress)
     nous = [task for task in tasks if not isinstance(task, DomainTask)]
     with templates_compiled_once():
         try:
