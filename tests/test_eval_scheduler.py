@@ -143,7 +143,7 @@ def test_an_interrupted_pass_resumes_from_its_scored_requests(tiny_model, tasks,
     with pytest.raises(KeyboardInterrupt):
         run_scheduled(hf_lm_of(tiny_model), bigbench, settings, data_dir, TaskManager(include_defaults=False),
                       requests_file, fingerprints, on_result=lambda task, result: None,
-                      on_progress=stop_after_two_batches)
+                      on_progress=stop_after_two_batches, options=ScheduleOptions(settings.batch_tokens))
     scored_before = len(requests_file.read_text().splitlines())
     assert scored_before == progress[-1] > 0
 
