@@ -211,6 +211,9 @@ def main() -> None:
     bench_file = REPO / "reports" / "bench" / "eval.json"
     figures = json.loads(bench_file.read_text()) if bench_file.is_file() else {}
     figures = {"devices": {k: v for k, v in figures.get("devices", {}).items() if "comparisons" in v}}
+    # Runs of one model at a time (--models dense, then --models moe) add up under the same device label.
+    earlier = [c for c in figures["devices"].get(label, {}).get("comparisons", []) if c["model"] not in wanted]
+    comparisons = earlier + comparisons
     figures["devices"][label] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "size": args.size,
         "limit_per_task": args.limit, "repeats": args.repeats, "dtype": "float16" if args.device != "cpu" else "float32",

@@ -24,8 +24,7 @@ from pathlib import Path
 
 # Model families whose logits are exactly lm_head(last hidden state): for them we apply the head at the answer
 # positions only. Others (logit soft-capping, logit scales) run the whole forward and gather from its logits.
-HEAD_ONLY_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
-                                   "phi3", "olmo", "olmo2", "olmoe", "deepseek_v3", "smollm3"})
+HEAD_ONLY_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"})
 # Tokens per forward pass (padding included) when settings do not say: what a 7B model holds easily on a 24 GB GPU.
 DEFAULT_BATCH_TOKENS = {"cuda": 32768, "cpu": 4096}
 TOKENIZE_CHUNK = 1024  # strings per fast-tokenizer call
