@@ -26,3 +26,18 @@ def temp_dir_beside(path: Path, prefix: str | None = None) -> Path:
     tmp = tempfile.mkdtemp(prefix=prefix or f".{path.name}.tmp-", dir=path.parent)
     os.chmod(tmp, 0o777 & ~_umask())
     return Path(tmp)
+
+
+def read_user_text(path: Path, what: str) -> str:
+    """The UTF-8 text of a file the user named; a MoelabError saying which `what` cannot be read, and why."""
+    from moelab.errors import MoelabError
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MoelabError(f"no {what} at {path}; check the path") from None
+    except OSError as err:
+        raise MoelabError(f"cannot read the {what} {path} ({err.strerror or type(err).__name__}); check the path") \
+            from None
+    except UnicodeDecodeError as err:
+        raise MoelabError(f"the {what} {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None

@@ -90,6 +90,48 @@ def check_data_files(tasks: list[SuiteTask], data_dir: Path) -> None:
         if not (data_dir / task.data_file).is_file():
             raise MoelabError(f"task {task.name} needs {data_dir / task.data_file}, which is missing; add the file "
                               f"(the dataset's own JSONL schema) or leave {task.name} out of --tasks")
+        check_jsonl_rows(data_dir / task.data_file, bigbench_row_problem if task.lm_eval_yaml is None else None)
+
+
+def check_jsonl_rows(path: Path, row_problem=None) -> None:
+    """Every line of a task's data file is a JSON object (and passes `row_problem`), and there is at least one,
+    so that bad data is a one-line error before the model loads, not a traceback inside lm-eval."""
+    from moelab.files import read_user_text
+
+    rows = 0
+    for number, line in enumerate(read_user_text(path, "task data file").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            raise MoelabError(f"{path} line {number} is not JSON; task data is one JSON object per line") from None
+        problem = "it is not a JSON object" if not isinstance(row, dict) else row_problem and row_problem(row)
+        if problem:
+            raise MoelabError(f"{path} line {number}: {problem}; fix the line or the file")
+        rows += 1
+    if rows == 0:
+        raise MoelabError(f"{path} has no examples; task data is one JSON object per line")
+
+
+def bigbench_row_problem(row: dict) -> str | None:
+    """What makes a hails/bigbench row unscorable, or None."""
+    def strings(value) -> bool:
+        return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+    choices, scores = row.get("multiple_choice_targets"), row.get("multiple_choice_scores")
+    if not isinstance(row.get("inputs"), str):
+        return "'inputs' is not text"
+    if not strings(row.get("targets")):
+        return "'targets' is not a non-empty list of text"
+    if not strings(choices):
+        return "'multiple_choice_targets' is not a non-empty list of text"
+    if row["targets"][0] not in choices:
+        return f"the target {row['targets'][0]!r:.40} is not among the multiple_choice_targets"
+    if not isinstance(scores, list) or len(scores) != len(choices) \
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores):
+        return "'multiple_choice_scores' is not one number per choice"
+    return None
 
 
 def model_name_of(model: str) -> str:
@@ -232,6 +274,13 @@ def evaluate_task(lm, task: SuiteTask, settings: EvalSettings, data_dir: Path | 
         for lm_eval_task in loaded["tasks"].values():
             lm_eval_task.set_fewshot_seed(seed=1234)
         return task_result(task, evaluate(lm=lm, task_dict=loaded, limit=settings.limit, log_samples=False))
+    except ConnectionError as err:  # datasets' own wording of "offline": the builtin, not requests'
+        if data_dir is not None:
+            raise
+        shipped = Path(__file__).resolve().parents[1] / "data"
+        raise MoelabError(f"task {task.name}: cannot download its data from the Hub ({err}); offline, point "
+                          f"--data-dir at local task files (bigbench/<task>.jsonl, agieval/, gpt4all/, truthfulqa/), "
+                          f"e.g. the BIG-bench subset shipped with moelab: --data-dir {shipped}") from None
     except (DatasetGenerationError, jinja2.UndefinedError, KeyError) as err:
         if data_dir is None:
             raise
