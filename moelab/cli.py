@@ -407,7 +407,7 @@ def parse_size(text: str) -> int:
     digits = number.rstrip("KMGTIB")
     try:
         size = int(float(digits) * units[number[len(digits):]])
-    except (ValueError, KeyError, OverflowError):  # OverflowError: inf
+    except (ValueError, KeyError, OverflowError):
         raise MoelabError(f"cannot read size '{text}'; write it like 5GB, 500MB or 1000000") from None
     if size <= 0:
         raise MoelabError(f"size must be positive; got '{text}'")
@@ -434,4 +434,5 @@ def main() -> None:
             import traceback
 
             sys.stderr.write(mask(traceback.format_exc()))
+            sys.stderr.flush()
             sys.exit(1)

@@ -11,7 +11,7 @@ from urllib.parse import quote, quote_plus
 SECRET_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GITHUB_TOKEN", "RUNPOD_API_KEY")
 MASK = "***"
 # Shorter values would mask ordinary words; no real token is this short.
-MIN_SECRET_CHARS = 4
+MIN_SECRET_CHARS = 8
 # A credential after an auth scheme, as transport errors and debug dumps quote request headers.
 AUTH_HEADER = re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?(?:(?:bearer|token|basic)\s+)?)([^\s'\",;}]+)")
 BEARER = re.compile(r"\b(Bearer\s+)([^\s'\",;}]+)")

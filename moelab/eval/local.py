@@ -166,7 +166,17 @@ def model_identity(model: str) -> tuple[str, str | None, dict | None]:
                 digest.update(file.name.encode() + str(file.stat().st_size).encode()
                               + header + f.read(int.from_bytes(header, "little")))
     recipe_file = path / "moelab_recipe.yaml"
-    recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else None
+    recipe = None
+    if recipe_file.is_file():
+        from moelab.files import read_user_text
+
+        try:
+            recipe = yaml.safe_load(read_user_text(recipe_file, "recipe"))
+        except (yaml.YAMLError, RecursionError):
+            recipe = None
+        if not isinstance(recipe, dict):
+            raise MoelabError(f"{recipe_file} is damaged (not the recipe mapping `moelab build` writes); rebuild "
+                              "the model or delete the file")
     return name, digest.hexdigest(), recipe
 
 
