@@ -51,9 +51,10 @@ def build(
     from moelab.recipe import load_recipe
 
     check_number("--seed", seed, 0, MAX_SEED)
+    shard_bytes = parse_size(shard_size)
     parsed, text = load_recipe(recipe, allow_identical_experts)
     options = BuildOptions(device=device, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
-                           shard_bytes=parse_size(shard_size), seed=seed, force=force)
+                           shard_bytes=shard_bytes, seed=seed, force=force)
     result = build_moe(parsed, text, out, options, recipe_dir=recipe.parent)
     console.print(f"[green]built[/green] {result.architecture} with {result.num_experts} experts "
                   f"({result.total_bytes / 1e9:.2f} GB in {result.num_shards} shard(s)) at {out}")
