@@ -337,10 +337,10 @@ def run(
 
     A stage whose outputs were made from the same recipe, model and settings is skipped, so a re-run after a
     failure continues where it stopped."""
+    check_number("--limit", limit, 1)
     from moelab.recipe import load_recipe
     from moelab.run import RunConfig
 
-    check_number("--limit", limit, 1)
     name = load_recipe(recipe)[0].name or recipe.stem
     run_loop(RunConfig(recipe, out or Path("reports") / name, eval_tasks.split(","), limit, data_dir, probe, device,
                        remote, publish))

@@ -175,6 +175,9 @@ READERS = {
     "publish --report": Reader("moe.json", _report, lambda ws, ex: [
         "publish", str(ws / "moe"), "--repo", "moelab-test/m", "--report", str(ex / "moe.json"), "--dry-run"],
         "unused", json_bytes, json.loads),
+    "chat probe prompts": Reader("prompts.yaml", lambda ws: (ws / "prompts.yaml").read_bytes(), lambda ws, ex: [
+        "chat", str(ws / "moe"), "--probe", str(ex / "prompts.yaml"), "--device", "cpu"], "unused",
+        yaml_bytes, yaml.safe_load),
     "gist": Reader("m-Nous.md", lambda ws: (ws / "gist-Nous.md").read_bytes(), lambda ws, ex: [
         "leaderboard", str(ex / "m-Nous.md"), "--out", str(ex / "out")], "out"),
     "compare probe json": Reader("probe.json", lambda ws: (ws / "probe.json").read_bytes(), lambda ws, ex: [
