@@ -247,28 +247,28 @@ def test_a_damaged_model_folder_is_a_one_line_error(name, data, workspace, monke
                                                                     + valid[8:])), label="file")
     else:
         variant = data.draw(file_variants(valid, dump, load), label="file")
-    example = example_folder(workspace)
-    try:
+
+    def damaged_copy(example: Path) -> None:
         shutil.copytree(workspace / "dense", example / "dense")
         (example / "dense" / name).write_bytes(variant)
-        recipe = yaml.safe_load((workspace / "recipe.yaml").read_text())
-        recipe["base_model"] = recipe["experts"][0]["source_model"] = str(example / "dense")
-        (example / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-        assert_one_line_error_or_success(["build", str(example / "recipe.yaml"), str(example / "out")],
-                                         example / "out")
-    finally:
-        shutil.rmtree(example)
+
+    build_from_damaged_source(workspace, damaged_copy, "dense")
 
 
 @FUZZ
 @given(variant=st.binary(max_size=300) | st.sampled_from([b"GGUF", b"GGUF\x03\x00\x00\x00" + b"\xff" * 24]))
 def test_a_garbage_gguf_is_a_one_line_error(variant, workspace, monkeypatch):
     monkeypatch.setenv("MOELAB_CACHE", str(workspace / "cache"))
+    build_from_damaged_source(workspace, lambda example: (example / "model.gguf").write_bytes(variant), "model.gguf")
+
+
+def build_from_damaged_source(workspace: Path, make_source: Callable[[Path], object], source: str) -> None:
+    """`moelab build` of a recipe whose base and first expert are SOURCE, made in a fresh example folder."""
     example = example_folder(workspace)
     try:
-        (example / "model.gguf").write_bytes(variant)
+        make_source(example)
         recipe = yaml.safe_load((workspace / "recipe.yaml").read_text())
-        recipe["base_model"] = recipe["experts"][0]["source_model"] = str(example / "model.gguf")
+        recipe["base_model"] = recipe["experts"][0]["source_model"] = str(example / source)
         (example / "recipe.yaml").write_text(yaml.safe_dump(recipe))
         assert_one_line_error_or_success(["build", str(example / "recipe.yaml"), str(example / "out")],
                                          example / "out")

@@ -74,7 +74,7 @@ def test_every_form_of_a_secret_is_masked(monkeypatch):
     monkeypatch.setenv("GITHUB_TOKEN", GH_CANARY + "\r\n")  # a CRLF token file, read with $(cat ...)
     texts = [f"Invalid header value b'token {GH_CANARY}\\r\\n'", f"{{'Authorization': 'token {GH_CANARY}\\r'}}",
              f"https://x/?access_token={quote(GH_CANARY)}", f"Authorization: Bearer {GH_CANARY}\r\n",
-             f"Authorization: Basic dXNlcjpwYXNz", f"{GH_CANARY!r}", json.dumps(GH_CANARY + "\r\n")]
+             "Authorization: Basic dXNlcjpwYXNz", f"{GH_CANARY!r}", json.dumps(GH_CANARY + "\r\n")]
     for text in texts:
         masked = mask(text)
         assert GH_CANARY not in masked and "dXNlcjpwYXNz" not in masked and "***" in masked

@@ -18,7 +18,8 @@ import traceback
 from pathlib import Path
 
 from moelab.errors import MoelabError
-from moelab.eval.remote import POD_ENV_GIST, POD_ENV_KEEP, POD_ENV_MODEL, POD_ENV_SETTINGS, POD_SECRET_NAMES, GistChannel
+from moelab.eval.remote import (POD_ENV_GIST, POD_ENV_KEEP, POD_ENV_MODEL, POD_ENV_SETTINGS, POD_SECRET_NAMES,
+                                GistChannel)
 from moelab.redact import clean_secret, mask
 
 ERROR_TAIL_LINES = 30

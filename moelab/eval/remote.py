@@ -244,7 +244,7 @@ def publish_for_pod(model: str, repo_id: str, secrets: Secrets) -> None:
                           f"(huggingface-cli upload {repo_id} {model}) and pass {repo_id} as MODEL") from None
     from huggingface_hub import get_token
 
-    secrets.hf_token = secrets.hf_token or get_token()
+    secrets.hf_token = secrets.hf_token or clean_secret(get_token())
     publish_model(Path(model), repo_id, token=secrets.hf_token, private=True, show_progress=True)
 
 
