@@ -41,3 +41,26 @@ def read_user_text(path: Path, what: str) -> str:
             from None
     except UnicodeDecodeError as err:
         raise MoelabError(f"the {what} {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+
+
+def json_lines(text: str, path: Path, what: str) -> list[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSONL text; a MoelabError for a line that is not a JSON
+    object, or for a text without any."""
+    import json
+
+    from moelab.errors import MoelabError
+
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            row = None
+        if not isinstance(row, dict):
+            raise MoelabError(f"{path} line {number} is not a JSON object; {what} is one JSON object per line")
+        rows.append((number, row))
+    if not rows:
+        raise MoelabError(f"{path} is empty; {what} is one JSON object per line")
+    return rows

@@ -245,7 +245,7 @@ NAVIGATE = {"inputs": "Q: Take 1 step.\nA:", "targets": ["True"], "multiple_choi
     ([{**NAVIGATE, "multiple_choice_targets": []}], "'multiple_choice_targets' is not a non-empty list"),
     ([{**NAVIGATE, "inputs": None}], "'inputs' is not text"),
     ([{**NAVIGATE, "multiple_choice_scores": [1]}], "'multiple_choice_scores' is not one number per choice"),
-    ([], "has no examples"),
+    ([], "navigate.jsonl is empty"),
 ])
 def test_malformed_bigbench_data_is_one_line_before_the_model_loads(rows, message, tmp_path, tiny_moe_dir):
     (tmp_path / "data" / "bigbench").mkdir(parents=True)
@@ -259,7 +259,7 @@ def test_malformed_bigbench_data_is_one_line_before_the_model_loads(rows, messag
 @pytest.mark.parametrize("line, message", [
     ('{"question": null, "answer": 4}', "field question is null"),
     ('{"question": "2+2?", "answer": ""}', 'field answer is ""'),
-    ("", "has no items"),
+    ("", "math.jsonl is empty"),
     ('{"question": "2+2?", "answer": [4]}', "field answer is [4]"),
 ])
 def test_malformed_domain_data_is_one_line(line, message, tmp_path, tiny_moe_dir):

@@ -35,7 +35,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moelab.errors import MoelabError
-from moelab.files import read_user_text
+from moelab.files import json_lines, read_user_text
 
 DEFAULT_ANSWER_PATTERN = r"answer is\s*\$?(-?[\d,]*\d)"
 GROUP_PREFIX = "domain:"
@@ -130,15 +130,8 @@ def _read_jsonl(path: Path, fields: list[str], what: str) -> bytes:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise MoelabError(f"{path} is not UTF-8 text (byte {err.start}); {what} needs UTF-8 JSON lines") from None
-    rows = 0
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
-            raise MoelabError(f"{path} line {number} is not JSON; {what} needs one JSON object per line") from None
-        missing = [f for f in fields if not isinstance(row, dict) or f not in row]
+    for number, row in json_lines(text, path, what):
+        missing = [f for f in fields if f not in row]
         if missing:
             raise MoelabError(f"{path} line {number} has no field {', '.join(missing)}, which {what} reads; "
                               "add it or set the field names in eval_data")
@@ -147,9 +140,6 @@ def _read_jsonl(path: Path, fields: list[str], what: str) -> bytes:
         if empty:
             raise MoelabError(f"{path} line {number}: field {empty[0]} is {json.dumps(row[empty[0]])[:40]}, not "
                               f"text or a number; {what} needs a value on every line")
-        rows += 1
-    if rows == 0:
-        raise MoelabError(f"{path} has no items; {what} needs at least one JSON line")
     return raw
 
 

@@ -96,22 +96,12 @@ def check_data_files(tasks: list[SuiteTask], data_dir: Path) -> None:
 def check_jsonl_rows(path: Path, row_problem=None) -> None:
     """Every line of a task's data file is a JSON object (and passes `row_problem`), and there is at least one,
     so that bad data is a one-line error before the model loads, not a traceback inside lm-eval."""
-    from moelab.files import read_user_text
+    from moelab.files import json_lines, read_user_text
 
-    rows = 0
-    for number, line in enumerate(read_user_text(path, "task data file").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
-            raise MoelabError(f"{path} line {number} is not JSON; task data is one JSON object per line") from None
-        problem = "it is not a JSON object" if not isinstance(row, dict) else row_problem and row_problem(row)
+    for number, row in json_lines(read_user_text(path, "task data file"), path, "task data"):
+        problem = row_problem and row_problem(row)
         if problem:
             raise MoelabError(f"{path} line {number}: {problem}; fix the line or the file")
-        rows += 1
-    if rows == 0:
-        raise MoelabError(f"{path} has no examples; task data is one JSON object per line")
 
 
 def bigbench_row_problem(row: dict) -> str | None:
