@@ -61,7 +61,7 @@ def build(
     if result.routing is not None:
         Console().print(routing_table(result.routing))
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+        console.print(f"[yellow]warning:[/yellow] {mask(warning)}", soft_wrap=True)
 
 
 def routing_table(report):

@@ -474,6 +474,10 @@ def routing_shares(probe: Path, model_dir: Path | None, expert_names: list[str])
     if sorted(names) != sorted(expert_names):
         raise MoelabError(f"the probe routed experts {', '.join(names)}, but the comparison has "
                           f"{', '.join(expert_names)}; probe the same MoE")
+    lacking = [n for n in names if n not in domain or n not in usage]
+    if lacking:
+        raise MoelabError(f"{probe} has no routing shares for expert(s) {', '.join(lacking)}; write it again with "
+                          "`moelab chat MODEL --probe PROMPTS --json`")
     return pd.DataFrame({"Expert": expert_names,
                          "Domain tokens routed to it": [_share(domain[n]) for n in expert_names],
                          "Share of all tokens": [_share(usage[n]) for n in expert_names]})
@@ -500,9 +504,6 @@ def _probe_json_shares(probe: Path) -> tuple[list[str], dict, dict]:
         first = err.errors()[0]
         raise MoelabError(f"{not_probe}: {'.'.join(str(p) for p in first['loc']) or 'top level'}: {first['msg']}") \
             from None
-    lacking = [n for n in shares.expert_names if n not in shares.accuracy_per_expert or n not in shares.usage]
-    if lacking:
-        raise MoelabError(f"{not_probe}: no shares for expert(s) {', '.join(lacking)}")
     return shares.expert_names, shares.accuracy_per_expert, shares.usage
 
 

@@ -34,13 +34,11 @@ def read_user_text(path: Path, what: str) -> str:
 
     try:
         return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MoelabError(f"no {what} at {path}; check the path") from None
     except OSError as err:
-        raise MoelabError(f"cannot read the {what} {path} ({err.strerror or type(err).__name__}); check the path") \
+        raise MoelabError(f"cannot read {what} {path} ({err.strerror or type(err).__name__}); check the path") \
             from None
     except UnicodeDecodeError as err:
-        raise MoelabError(f"the {what} {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+        raise MoelabError(f"{what} {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
 
 
 def json_lines(text: str, path: Path, what: str) -> list[tuple[int, dict]]:
@@ -59,7 +57,8 @@ def json_lines(text: str, path: Path, what: str) -> list[tuple[int, dict]]:
         except (json.JSONDecodeError, RecursionError):
             row = None
         if not isinstance(row, dict):
-            raise MoelabError(f"{path} line {number} is not a JSON object; {what} is one JSON object per line")
+            raise MoelabError(f"{path} line {number} is not JSON, or not an object; {what} is one JSON object per "
+                              "line")
         rows.append((number, row))
     if not rows:
         raise MoelabError(f"{path} is empty; {what} is one JSON object per line")

@@ -119,7 +119,8 @@ class EvalReport:
         try:
             data = json.loads(text)
         except (json.JSONDecodeError, RecursionError) as err:
-            raise MoelabError(f"{path} is not JSON ({str(err)[:80]}); re-run `moelab eval`") from None
+            raise MoelabError(f"{path} is not a moelab eval report (not JSON: {str(err)[:80]}); re-run `moelab eval`") \
+                from None
         return cls.from_dict(data, str(path))
 
     def to_dict(self) -> dict[str, Any]:
