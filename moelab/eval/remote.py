@@ -212,11 +212,12 @@ def run_remote_eval(model: str, settings: EvalSettings, output: Path, options: R
     check_writable(Path(output))
     if push:
         publish_for_pod(model, push, secrets)
-    channel = GistChannel.create(secrets.github_token, repo_id)
-    report, failure = None, None
+    report, failure, channel = None, None, None
     with stop_signals_unwind():
         pod = RunPodSession(secrets, on_progress)
         try:
+            with stop_signals_deferred():  # a signal mid-request would lose the id of a gist that exists
+                channel = GistChannel.create(secrets.github_token, repo_id)
             pod.create(pod_spec(repo_id, settings, options, secrets, channel.gist_id))
             report = pod.wait_for_report(channel, options.timeout_min * 60)
             if push:
@@ -230,7 +231,7 @@ def run_remote_eval(model: str, settings: EvalSettings, output: Path, options: R
             try:
                 pod.finish(keep=options.keep_pod, failure=failure)
             finally:
-                if report is None:
+                if report is None and channel is not None:
                     channel.delete()
     return RemoteResult(report, pod.pod_id, pod.elapsed_s, pod.cost_usd, channel.html_url)
 
