@@ -91,8 +91,9 @@ class EvalReport:
             where = ".".join(str(p) for p in first["loc"]) or "the top level"
             raise MoelabError(f"{source} is not a moelab eval report: {where}: {first['msg']}; "
                               "re-run `moelab eval`") from None
-        for problem in report.score_problems():
-            raise MoelabError(f"{source}: {problem}; re-run `moelab eval` for this model")
+        problems = report.score_problems()
+        if problems:
+            raise MoelabError(f"{source}: {problems[0]}; re-run `moelab eval` for this model")
         return report
 
     def score_problems(self) -> list[str]:
