@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
-
-from moelab.errors import MoelabError
 
 
 def _umask() -> int:
@@ -33,6 +30,8 @@ def temp_dir_beside(path: Path, prefix: str | None = None) -> Path:
 
 def read_user_text(path: Path, what: str) -> str:
     """The UTF-8 text of a file the user named; a MoelabError saying which `what` cannot be read, and why."""
+    from moelab.errors import MoelabError
+
     try:
         return Path(path).read_text(encoding="utf-8")
     except OSError as err:
@@ -45,6 +44,10 @@ def read_user_text(path: Path, what: str) -> str:
 def json_lines(text: str, path: Path, what: str) -> list[tuple[int, dict]]:
     """(line number, object) of each non-blank line of a JSONL text; a MoelabError for a line that is not a JSON
     object, or for a text without any."""
+    import json
+
+    from moelab.errors import MoelabError
+
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
