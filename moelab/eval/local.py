@@ -90,6 +90,38 @@ def check_data_files(tasks: list[SuiteTask], data_dir: Path) -> None:
         if not (data_dir / task.data_file).is_file():
             raise MoelabError(f"task {task.name} needs {data_dir / task.data_file}, which is missing; add the file "
                               f"(the dataset's own JSONL schema) or leave {task.name} out of --tasks")
+        check_jsonl_rows(data_dir / task.data_file, bigbench_row_problem if task.lm_eval_yaml is None else None)
+
+
+def check_jsonl_rows(path: Path, row_problem=None) -> None:
+    """Every line of a task's data file is a JSON object (and passes `row_problem`), and there is at least one,
+    so that bad data is a one-line error before the model loads, not a traceback inside lm-eval."""
+    from moelab.files import json_lines, read_user_text
+
+    for number, row in json_lines(read_user_text(path, "task data file"), path, "task data"):
+        problem = row_problem and row_problem(row)
+        if problem:
+            raise MoelabError(f"{path} line {number}: {problem}; fix the line or the file")
+
+
+def bigbench_row_problem(row: dict) -> str | None:
+    """What makes a hails/bigbench row unscorable, or None."""
+    def strings(value) -> bool:
+        return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+    choices, scores = row.get("multiple_choice_targets"), row.get("multiple_choice_scores")
+    if not isinstance(row.get("inputs"), str):
+        return "'inputs' is not text"
+    if not strings(row.get("targets")):
+        return "'targets' is not a non-empty list of text"
+    if not strings(choices):
+        return "'multiple_choice_targets' is not a non-empty list of text"
+    if row["targets"][0] not in choices:
+        return f"the target {row['targets'][0]!r:.40} is not among the multiple_choice_targets"
+    if not isinstance(scores, list) or len(scores) != len(choices) \
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores):
+        return "'multiple_choice_scores' is not one number per choice"
+    return None
 
 
 def model_name_of(model: str) -> str:
@@ -124,7 +156,17 @@ def model_identity(model: str) -> tuple[str, str | None, dict | None]:
                 digest.update(file.name.encode() + str(file.stat().st_size).encode()
                               + header + f.read(int.from_bytes(header, "little")))
     recipe_file = path / "moelab_recipe.yaml"
-    recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else None
+    recipe = None
+    if recipe_file.is_file():
+        from moelab.files import read_user_text
+
+        try:
+            recipe = yaml.safe_load(read_user_text(recipe_file, "recipe"))
+        except (yaml.YAMLError, RecursionError):
+            recipe = None
+        if not isinstance(recipe, dict):
+            raise MoelabError(f"{recipe_file} is damaged (not the recipe mapping `moelab build` writes); rebuild "
+                              "the model or delete the file")
     return name, digest.hexdigest(), recipe
 
 
@@ -267,6 +309,13 @@ def evaluate_task(lm, task: SuiteTask, settings: EvalSettings, data_dir: Path | 
         for lm_eval_task in loaded["tasks"].values():
             lm_eval_task.set_fewshot_seed(seed=1234)
         return task_result(task, evaluate(lm=lm, task_dict=loaded, limit=settings.limit, log_samples=False))
+    except ConnectionError as err:  # datasets' own wording of "offline": the builtin, not requests'
+        if data_dir is not None:
+            raise
+        shipped = Path(__file__).resolve().parents[1] / "data"
+        raise MoelabError(f"task {task.name}: cannot download its data from the Hub ({err}); offline, point "
+                          f"--data-dir at local task files (bigbench/<task>.jsonl, agieval/, gpt4all/, truthfulqa/), "
+                          f"e.g. the BIG-bench subset shipped with moelab: --data-dir {shipped}") from None
     except data_error_types() as err:
         if data_dir is None:
             raise

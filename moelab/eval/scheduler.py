@@ -420,8 +420,9 @@ def run_scheduled(hf_lm, tasks: list, settings, data_dir: Path | None, task_mana
     with templates_compiled_once():
         try:
             results = evaluate_in_one_pass(lm, nous, settings, data_dir, task_manager) if nous else {}
-        except data_error_types():
-            if data_dir is None:
+        except data_error_types() + (ConnectionError,) as err:
+            # Offline without --data-dir: the task-by-task run below says which task and how to point at local data.
+            if data_dir is None and not isinstance(err, ConnectionError):
                 raise
             results = {}
             for task in nous:
