@@ -188,7 +188,17 @@ def eval_command(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option("auto", help="auto (float16 on GPU as AutoEval, float32 on CPU), bfloat16, float16 "
                                            "or float32."),
-    batch_size: str = typer.Option("auto", help="Batch size, or auto (probed on GPU; 8 on CPU)."),
+    engine: str = typer.Option("auto", help="moelab: all tasks in one scheduled pass, each shared context run "
+                                            "once (hf backend); lm-eval: lm-eval's own loop, task by task; auto: "
+                                            "moelab for hf, lm-eval for vllm."),
+    batch_tokens: Optional[int] = typer.Option(None, help="moelab engine: tokens per forward pass, padding "
+                                                          "included (default: 32768 on GPU, 4096 on CPU)."),
+    parallel: str = typer.Option("auto", help="Several GPUs: replicas (one model per GPU, requests split; moelab "
+                                              "engine), shard (one model across them), single; auto: replicas when "
+                                              "the weights fit one GPU, else shard."),
+    gpus: Optional[int] = typer.Option(None, help="Use this many of the visible GPUs (default: all)."),
+    batch_size: str = typer.Option("auto", help="lm-eval engine and generation tasks: batch size, or auto (probed "
+                                                "on GPU; 8 on CPU)."),
     max_length: Optional[int] = typer.Option(None, help="Longest context in tokens (default: the model's)."),
     remote: Optional[str] = typer.Option(None, help="Run on a rented GPU pod instead: runpod (needs RUNPOD_API_KEY "
                                                     "and GITHUB_TOKEN with gist scope; the pod is always removed).",
@@ -219,7 +229,8 @@ def eval_command(
     from moelab.eval.report import report_view
 
     settings = EvalSettings(tasks=tasks.split(","), limit=limit, backend=backend, device=device, dtype=dtype,
-                            batch_size=batch_size, max_length=max_length)
+                            batch_size=batch_size, max_length=max_length, engine=engine, batch_tokens=batch_tokens,
+                            parallel=parallel, gpus=gpus)
     report_path = output or default_report_path(push or model)
     if remote is not None:
         from moelab.eval.remote import RemoteOptions

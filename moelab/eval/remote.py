@@ -168,7 +168,9 @@ def pod_spec(repo_id: str, settings: EvalSettings, options: RemoteOptions, secre
         raise MoelabError("--gpu-count must be >= 1, --disk-gb >= 10 and --timeout-min > 0")
     if any(c in options.install for c in "'\"\n"):
         raise MoelabError(f"--install '{options.install}' may not contain quotes or newlines; give a pip spec")
-    env = {POD_ENV_MODEL: repo_id, POD_ENV_SETTINGS: json.dumps(asdict(settings)), POD_ENV_GIST: gist_id,
+    # The pod chooses replicas or sharding as a local run does, over the GPUs it was rented with.
+    pod_settings = asdict(settings) | {"gpus": settings.gpus or options.gpu_count}
+    env = {POD_ENV_MODEL: repo_id, POD_ENV_SETTINGS: json.dumps(pod_settings), POD_ENV_GIST: gist_id,
            "GITHUB_TOKEN": secrets.github_token or ""}
     if secrets.hf_token:
         env["HF_TOKEN"] = secrets.hf_token

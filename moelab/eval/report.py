@@ -5,12 +5,17 @@ Schema version 1 (all fields always present; JSON null where a value is unknown)
   revision: Hub commit or None; content_hash: for a local folder, sha256 of its JSON files and of each
   safetensors shard's size and header (cheap, changes with any weight layout/config change), else None;
   recipe: the moelab recipe (dict) when the model was built by moelab, else None.
-- settings: EvalSettings (tasks, num_fewshot per task, limit, backend, device, dtype, batch_size, max_length).
+- settings: EvalSettings (tasks, num_fewshot per task, limit, backend, device, dtype, batch_size, max_length,
+  engine: "moelab" (one scheduled pass, moelab/eval/scheduler.py) or "lm-eval" (lm-eval's own loop, task by task),
+  batch_tokens: the moelab engine's tokens per forward pass, None for lm-eval; parallel: the strategy used, single,
+  replicas (one model per GPU, requests split) or shard (one model across GPUs); gpus: how many GPUs it used).
 - results: one TaskResult per task (value and stderr are fractions in 0..1; n = examples scored).
 - groups: {"AGIEval"|"GPT4All"|"TruthfulQA"|"Bigbench": mean of its task values x100, rounded to 2}, only for a
   group whose tasks all ran; average: mean of the four rounded group scores, rounded to 2, only when all four exist.
 - limited: True when the run used --limit (such scores are never comparable to full runs).
 - versions: {"moelab", "lm_eval", "torch", "transformers"}; wall_time_s; date (ISO 8601, UTC); gist_id or None.
+- speed: {"stages_s": {stage: seconds}, and for the moelab engine "requests", "cached", "requests_per_s", "rows",
+  "batches", "tokens", "padded_tokens"} of this run (only the tasks it computed); {} in older reports.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ class EvalSettings:
     dtype: str = "auto"
     batch_size: str = "auto"
     max_length: int | None = None
+    engine: str = "auto"
+    batch_tokens: int | None = None
+    parallel: str = "auto"  # auto, single, replicas or shard (see moelab/eval/parallel.py)
+    gpus: int | None = None  # GPUs to use of those visible; None: all
 
 
 @dataclass
@@ -69,6 +78,7 @@ class EvalReport:
     wall_time_s: float = 0.0
     date: str = ""
     gist_id: str | None = None
+    speed: dict[str, Any] = field(default_factory=dict)
     suite: str = "nous"
     schema_version: int = SCHEMA_VERSION
 
