@@ -141,7 +141,7 @@ def heal_checkpoint(folder: Path, layout: MoeLayout, recipe: Recipe, base_dir: P
     from transformers import AutoTokenizer
 
     from moelab.build.gates import resolve_device
-    from moelab.eval.remote import exit_on_sigterm
+    from moelab.signals import stop_signals_unwind
 
     heal = recipe.heal
     if layout.arch_id not in HEALED_LAYOUTS:
@@ -151,7 +151,7 @@ def heal_checkpoint(folder: Path, layout: MoeLayout, recipe: Recipe, base_dir: P
     if heal.load_in_4bit and not device.startswith("cuda"):
         raise MoelabError("heal.load_in_4bit needs a CUDA GPU (bitsandbytes); set it to false on CPU")
     started = time.perf_counter()
-    with exit_on_sigterm():
+    with stop_signals_unwind():
         torch.manual_seed(settings.seed)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         domains = heal_domains(recipe, tokenizer, base_dir, expert_dirs, settings.seed, recipe_dir)
