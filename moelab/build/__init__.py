@@ -151,9 +151,10 @@ def _build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOption
         if options.owner:
             (tmp / options.owner).write_text("this folder was written by moelab run, which may replace it\n")
         from moelab.card import model_card
+        from moelab.redact import mask
 
-        (tmp / "README.md").write_text(model_card(recipe, recipe_text, layout.arch_id, warnings, shared_deltas,
-                                                  routing=routing, heal=heal and heal.to_json()))
+        (tmp / "README.md").write_text(mask(model_card(recipe, recipe_text, layout.arch_id, warnings, shared_deltas,
+                                                       routing=routing, heal=heal and heal.to_json())))
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
