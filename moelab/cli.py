@@ -59,16 +59,17 @@ def build(
 
 
 def routing_table(report):
-    """Held-out routing of gate_mode trained: per-expert accuracy and balance, hidden vs trained gates."""
+    """Held-out routing of gate_mode trained or ridge: per-expert accuracy and balance, hidden vs fitted gates."""
     from rich.table import Table
 
-    table = Table(title=f"routing of {report.heldout_tokens} held-out token-layer choices (top-1)")
-    for column in ("expert", "hidden", "trained"):
+    table = Table(title=f"routing of {report.heldout_tokens} held-out token-layer choices (top-1)",
+                  caption=f"{report.mode} fit: {report.fit_s:.2f} s", caption_justify="left")
+    for column in ("expert", "hidden", report.mode):
         table.add_column(column, justify="left" if column == "expert" else "right")
-    for name, accuracy in report.trained.accuracy.items():
+    for name, accuracy in report.fitted.accuracy.items():
         table.add_row(name, f"{report.hidden.accuracy[name]:.3f}", f"{accuracy:.3f}")
-    table.add_row("overall", f"{report.hidden.overall:.3f}", f"{report.trained.overall:.3f}", style="bold")
-    table.add_row("imbalance (CV)", f"{report.hidden.balance_cv:.3f}", f"{report.trained.balance_cv:.3f}")
+    table.add_row("overall", f"{report.hidden.overall:.3f}", f"{report.fitted.overall:.3f}", style="bold")
+    table.add_row("imbalance (CV)", f"{report.hidden.balance_cv:.3f}", f"{report.fitted.balance_cv:.3f}")
     return table
 
 

@@ -11,8 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moelab.errors import MoelabError
 
-GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random", "hidden_last", "hidden_avg", "trained")
-PROMPTED_GATE_MODES = ("hidden", "cheap_embed", "hidden_last", "hidden_avg", "trained")
+GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random", "hidden_last", "hidden_avg", "trained", "ridge")
+PROMPTED_GATE_MODES = ("hidden", "cheap_embed", "hidden_last", "hidden_avg", "trained", "ridge")
+FITTED_GATE_MODES = ("trained", "ridge")  # router rows fitted to the experts' router_data
 RANDOM_GATE_MODES = ("random", "uniform_random")
 SHARED_WEIGHT_MODES = ("base", "average", "task_arithmetic", "ties")
 
@@ -40,22 +41,24 @@ class Expert(BaseModel):
     # task_arithmetic/ties shared weights.
     name: Optional[str] = None
     weight: Optional[float] = None
-    # gate_mode trained: examples of this expert's domain (JSONL with "text", or one example per line).
+    # gate_mode trained/ridge: examples of this expert's domain (JSONL with "text", or one example per line).
     router_data: Optional[str] = None
     # `moelab eval --tasks domains`: held-out data of this expert's domain (fields in moelab/eval/domain.py).
     eval_data: Optional[dict] = None
 
 
 class RouterTraining(BaseModel):
-    """Options of gate_mode trained (see moelab/build/router_training.py)."""
+    """Options of gate_modes trained and ridge (see moelab/build/router_training.py)."""
     model_config = ConfigDict(extra="forbid")
 
     examples: int = Field(64, ge=2, description="examples per expert, before the held-out split")
     tokens: int = Field(32, ge=2, description="tokens per example (longer ones are cut)")
     tokens_per_example: int = Field(16, ge=1, description="tokens of each example kept for fitting")
-    steps: int = Field(80, ge=1)
-    lr: float = Field(0.1, gt=0)
-    balance: float = Field(0.1, ge=0, description="weight of the load-balance term")
+    steps: int = Field(80, ge=1, description="trained: Adam steps")
+    lr: float = Field(0.1, gt=0, description="trained: Adam learning rate")
+    balance: float = Field(0.1, ge=0, description="trained: weight of the load-balance term")
+    alpha: float = Field(0.01, gt=0, description="ridge: penalty, relative to the mean eigenvalue of the features")
+    margin: float = Field(4.0, gt=0, description="ridge: logit gap aimed for between a token's expert and the rest")
     holdout: float = Field(0.25, ge=0, lt=1, description="share of examples held out to measure routing")
 
 

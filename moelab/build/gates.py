@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from moelab.errors import MoelabError
-from moelab.recipe import Expert, Recipe
+from moelab.recipe import FITTED_GATE_MODES, Expert, Recipe
 
 PROMPT_BATCH = 32
 EPS = 1e-8
@@ -220,8 +220,8 @@ def compute_gates(recipe: Recipe, experts: Sequence[Expert], base_dir: Path, sha
     """(G (L, E, H) float32, RouterReport or None) for `experts` (routed, then a gated shared expert).
 
     Prompts run through the base model with the MoE's own shared weights (`shared_weights`, a SharedWeights),
-    since those are what the router's inputs will come from. gate_mode trained fits the routed experts' rows
-    (moelab/build/router_training.py), starting from the hidden ones.
+    since those are what the router's inputs will come from. gate_modes trained and ridge fit the routed experts'
+    rows (moelab/build/router_training.py); hidden rows are trained's starting point and the report's baseline.
     """
     gate_mode = recipe.gate_mode
     import gc
@@ -238,14 +238,14 @@ def compute_gates(recipe: Recipe, experts: Sequence[Expert], base_dir: Path, sha
     if shared_weights.merged:
         _load_shared_weights(model, shared_weights)
     try:
-        gates = hidden_gates(model, tokenizer, experts, "hidden" if gate_mode == "trained" else gate_mode)
-        if gate_mode != "trained":
+        gates = hidden_gates(model, tokenizer, experts, "hidden" if gate_mode in FITTED_GATE_MODES else gate_mode)
+        if gate_mode not in FITTED_GATE_MODES:
             return gates, None
-        from moelab.build.router_training import trained_gates
+        from moelab.build.router_training import fitted_gates
 
         routed = len(recipe.experts)
-        fitted, report = trained_gates(model, tokenizer, recipe.experts, recipe.expert_names(), gates[:, :routed],
-                                       recipe.router_training, seed, recipe_dir, show_progress)
+        fitted, report = fitted_gates(model, tokenizer, recipe.experts, recipe.expert_names(), gates[:, :routed],
+                                      gate_mode, recipe.router_training, seed, recipe_dir, show_progress)
         gates[:, :routed] = fitted
         return gates, report
     finally:
