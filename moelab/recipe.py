@@ -57,7 +57,7 @@ class RouterTraining(BaseModel):
     steps: int = Field(80, ge=1, description="trained: Adam steps")
     lr: float = Field(0.1, gt=0, description="trained: Adam learning rate")
     balance: float = Field(0.1, ge=0, description="trained: weight of the load-balance term")
-    alpha: float = Field(0.01, gt=0, description="ridge: penalty, relative to the mean eigenvalue of the features")
+    alpha: float = Field(0.1, gt=0, description="ridge: penalty, relative to the mean eigenvalue of the features")
     margin: float = Field(4.0, gt=0, description="ridge: logit gap aimed for between a token's expert and the rest")
     holdout: float = Field(0.25, ge=0, lt=1, description="share of examples held out to measure routing")
 

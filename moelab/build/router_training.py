@@ -151,15 +151,15 @@ def ridge_routers(features, labels, num_experts: int, options: RouterTraining):
     """W (L, E, H): per layer, the weighted ridge fit of W x to margin * (onehot(label) - 1/E) (module docstring)."""
     import torch
 
-    x = features.double()
-    counts = torch.bincount(labels, minlength=num_experts).double()
+    counts = torch.bincount(labels, minlength=num_experts).float()
     sample_weight = (counts.sum() / (num_experts * counts.clamp(min=1)))[labels]  # every domain counts the same
-    targets = options.margin * (torch.nn.functional.one_hot(labels, num_experts).double() - 1 / num_experts)
-    gram = torch.einsum("lnh,n,lnk->lhk", x, sample_weight, x)  # (L, H, H)
+    targets = options.margin * (torch.nn.functional.one_hot(labels, num_experts).float() - 1 / num_experts)
+    weighted = features * sample_weight.sqrt()[None, :, None]
+    gram = (weighted.transpose(1, 2) @ weighted).double()  # (L, H, H); float32 sums, a float64 solve
     hidden = gram.shape[-1]
     penalty = options.alpha * gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1) / hidden  # alpha x mean eigenvalue
     gram = gram + penalty[:, None, None] * torch.eye(hidden, dtype=gram.dtype)
-    moments = torch.einsum("lnh,n,ne->lhe", x, sample_weight, targets)
+    moments = (weighted.transpose(1, 2) @ (targets * sample_weight.sqrt()[:, None])).double()
     return torch.linalg.solve(gram, moments).transpose(1, 2).float()
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from moelab.errors import MoelabError
 from moelab.eval.report import (EvalReport, EvalSettings, TaskResult, group_scores, overall_average,
                                 write_text_atomic)
-from moelab.eval.domain import DomainTask, domain_task_config, split_selection
+from moelab.eval.domain import NLL_STDERR_METRIC, DomainTask, domain_task_config, split_selection
 from moelab.eval.suite import SuiteTask
 
 # On CPU lm-eval's "auto" batch probe runs five full-length forwards at batch 64: slower than the eval itself.
@@ -199,7 +199,8 @@ def task_result(task: SuiteTask, output: dict) -> TaskResult:
     """Our TaskResult from lm-eval's results dict for one task."""
     metrics = output["results"][task.name]
     value = float(metrics[f"{task.lm_eval_metric},none"])
-    stderr = metrics.get(f"{task.lm_eval_metric}_stderr,none")
+    stderr_key = f"{NLL_STDERR_METRIC},none" if task.metric == "nll" else f"{task.lm_eval_metric}_stderr,none"
+    stderr = metrics.get(stderr_key)
     if value != value:  # AutoEval scores a NaN (e.g. TruthfulQA mc2) as 0
         value = 0.0
     return TaskResult(task=task.name, group=task.group, metric=task.metric, value=value,
