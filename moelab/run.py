@@ -331,6 +331,29 @@ def _data_files(config: RunConfig) -> list[Path]:
 # ---------------------------------------------------------------- the demo
 
 
+def recipe_variant(recipe_text: str, **fields) -> str:
+    """The recipe (YAML text) with top-level `fields` set; a field set to None is removed (back to its default)."""
+    import yaml
+
+    recipe = yaml.safe_load(recipe_text)
+    for key, value in fields.items():
+        if value is None:
+            recipe.pop(key, None)
+        else:
+            recipe[key] = value
+    return yaml.safe_dump(recipe, sort_keys=False)
+
+
+def mergekit_way_recipe(recipe_text: str) -> str:
+    """The same experts as mergekit-moe merges them: shared (non-MLP) weights of the base, hidden router rows from
+    the positive prompts, no heal."""
+    import yaml
+
+    name = yaml.safe_load(recipe_text).get("name") or "moe"
+    return recipe_variant(recipe_text, name=f"{name}-mergekit-way", shared_weights="base", gate_mode="hidden",
+                          heal=None, router_training=None)
+
+
 def demo_config(out: Path, limit: int = DEMO_LIMIT, tasks: Optional[list[str]] = None,
                 device: str = "auto") -> RunConfig:
     return RunConfig(DEMO_RECIPE, Path(out), list(tasks or DEMO_TASKS), limit, DEMO_DATA_DIR, DEMO_PROBE, device)

@@ -1,7 +1,7 @@
 """Benchmark the fitted routers (gate_mode trained and ridge) against hidden: held-out routing and fit time on SmolLM2.
 
-Builds the demo's three experts (chat, math, code) once per fitted mode, with router rows fitted to moelab's router
-data (moelab/data/router), and prints the held-out routing that each build measured: top-1 accuracy per expert,
+Builds the demo recipe's three experts (chat, math, code; ties shared weights) once per fitted mode, with router rows
+fitted to its router data (moelab/data/router), and prints the held-out routing that each build measured: top-1 accuracy per expert,
 load imbalance (CV of usage) and the fit's seconds (hidden rows need no fit; both builds measure them on the same
 held-out tokens). Writes reports/bench/router.json.
 
@@ -15,25 +15,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from bench_report import write_bench_json
 
 from moelab.build import BuildOptions, build_moe
+from moelab.build.sources import SMOLLM2_REF
 from moelab.recipe import FITTED_GATE_MODES, parse_recipe
-
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "moelab" / "recipes" / "demo-smollm2.yaml"
+from moelab.run import DEMO_RECIPE, recipe_variant
 
 
-def demo_recipe_with_router_data(gate_mode: str, smollm2: str | None = None) -> str:
-    """The demo recipe with `gate_mode` and each expert's router_data (moelab/data/router); `smollm2` replaces the
-    base model (GGUF or folder) everywhere it appears."""
-    recipe = yaml.safe_load(RECIPE.read_text())
-    recipe["gate_mode"] = gate_mode
-    for expert in recipe["experts"]:
-        expert["router_data"] = f"pkg:moelab/data/router/{expert['name']}.jsonl"
-    text = yaml.safe_dump(recipe, sort_keys=False)
-    return text.replace(recipe["base_model"], smollm2) if smollm2 else text
+def demo_variant(smollm2: str | None, **fields) -> str:
+    """The demo recipe with `fields` set (None: removed), and SmolLM2 from `smollm2` (a GGUF or folder) if given."""
+    text = recipe_variant(DEMO_RECIPE.read_text(), **fields)
+    return text.replace(SMOLLM2_REF, smollm2) if smollm2 else text
 
 
 def main() -> None:
@@ -44,10 +37,10 @@ def main() -> None:
     routing, build_s = {}, {}
     with tempfile.TemporaryDirectory() as work:
         for mode in FITTED_GATE_MODES:
-            text = demo_recipe_with_router_data(mode, args.smollm2)
+            text = demo_variant(args.smollm2, gate_mode=mode, heal=None)
             start = time.perf_counter()
             result = build_moe(parse_recipe(text), text, Path(work) / mode, BuildOptions(device=args.device),
-                               recipe_dir=RECIPE.parent)
+                               recipe_dir=DEMO_RECIPE.parent)
             build_s[mode] = round(time.perf_counter() - start, 1)
             routing[mode] = result.routing.to_json()
     qualities = {"hidden": routing[FITTED_GATE_MODES[0]]["hidden"], **{m: routing[m][m] for m in FITTED_GATE_MODES}}

@@ -120,6 +120,9 @@ def test_limit_and_recipe_domains(tiny_dense, tmp_path):
     report = run_eval(str(model), EvalSettings(tasks=["domains"], device="cpu"), None, tmp_path / "r.json")
     assert [(r.task, r.n) for r in report.results] == [("domain_code", 2)]
     assert report.results[0].value == pytest.approx(plain_mean_nll(model, TEXTS[:2], 10), rel=1e-4)
+    # The domain's own limit wins over --limit (a quick run of Nous tasks keeps the domain's items).
+    limited = run_eval(str(model), EvalSettings(tasks=["domains"], device="cpu", limit=1), None, tmp_path / "l.json")
+    assert [(r.task, r.n) for r in limited.results] == [("domain_code", 2)]
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -5,7 +5,7 @@ a mapping of domain name -> the same fields):
 
     path: pkg:moelab/data/heldout/arith.jsonl   # JSONL; pkg:PACKAGE/FILE, absolute, or relative to the YAML's folder
     kind: exact_match                           # or nll
-    limit: 40                                   # first N items (default: all)
+    limit: 40                                   # first N items (default: all, or --limit); wins over --limit
     # exact_match: greedy generation from the question with the model's chat template applied; the item scores 1
     # when the last match of answer_pattern (its first group, commas dropped) equals the answer field.
     question_field: question

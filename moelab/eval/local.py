@@ -232,7 +232,9 @@ def evaluate_task(lm, task: SuiteTask, settings: EvalSettings, data_dir: Path | 
                                     else task_config(task, data_dir)])
         for lm_eval_task in loaded["tasks"].values():
             lm_eval_task.set_fewshot_seed(seed=1234)
-        return task_result(task, evaluate(lm=lm, task_dict=loaded, limit=settings.limit, log_samples=False))
+        # A domain's own limit (eval_data) was applied to its docs already, and takes precedence over --limit.
+        limit = None if isinstance(task, DomainTask) and task.items else settings.limit
+        return task_result(task, evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=False))
     except (DatasetGenerationError, jinja2.UndefinedError, KeyError) as err:
         if data_dir is None:
             raise
