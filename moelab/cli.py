@@ -320,6 +320,9 @@ def run(
                                                     "for the upload, RUNPOD_API_KEY and GITHUB_TOKEN)."),
     publish: Optional[str] = typer.Option(None, help="Upload the MoE to this Hub repo (user/name) at the end "
                                                      "(HF_TOKEN)."),
+    mergekit_baseline: bool = typer.Option(False, help="Also build the experts mergekit-moe's way (shared base "
+                                                       "weights, hidden gates) and compare both retentions (needs "
+                                                       "domains in --eval-tasks)."),
 ):
     """The whole loop: build, routing probe, eval of the MoE and its experts, compare, reports; skips what is done.
 
@@ -330,7 +333,7 @@ def run(
 
     name = load_recipe(recipe)[0].name or recipe.stem
     run_loop(RunConfig(recipe, out or Path("reports") / name, eval_tasks.split(","), limit, data_dir, probe, device,
-                       remote, publish))
+                       remote, publish, mergekit_baseline))
 
 
 @app.command()
@@ -342,7 +345,9 @@ def demo(
 ):
     """The whole loop offline: a 3-expert MoE (chat, math, code) from SmolLM2-135M-Instruct vs its experts.
 
-    Evaluated on a BIG-bench subset shipped with moelab, in minutes on a CPU; writes reports/demo/."""
+    moelab's build (merged shared weights, fitted routers) next to mergekit-moe's way (shared base, hidden gates):
+    how much of each expert's domain skill each keeps, then a BIG-bench subset shipped with moelab. In minutes on a
+    CPU; writes reports/demo/."""
     from moelab.run import demo_config
 
     run_loop(demo_config(out, limit, eval_tasks.split(",") if eval_tasks else None, device))
@@ -374,9 +379,10 @@ def run_loop(config) -> None:
                               f"  [green]done[/green] in {o.seconds:.0f} s" if o.status == "ran"
                               else "  [dim]up to date[/dim]"))
     out = StdoutConsole()
-    compare_md = Path(config.out) / "compare" / "compare.md"
-    if compare_md.is_file():
-        out.print(Markdown(compare_md.read_text()))
+    headlines = [Path(config.out) / "retention.md"] if config.mergekit_baseline else []
+    for headline in headlines + [Path(config.out) / "compare" / "compare.md"]:
+        if headline.is_file():
+            out.print(Markdown(headline.read_text()))
     table = Table(title=f"artifacts, in {config.out}", title_justify="left")
     for column in ("stage", "status", "files"):
         table.add_column(column)

@@ -114,6 +114,15 @@ def test_router_data_formats_and_errors(tmp_path):
         read_router_data(tmp_path / "c.jsonl")
 
 
+def test_too_few_examples_to_hold_out_is_a_clear_error(tmp_path, tiny_dense):
+    fields = trained_recipe(tmp_path, tiny_dense("dense"), gate_mode="ridge")
+    for expert in fields["experts"]:
+        del expert["router_data"]  # one positive prompt each: nothing to hold out
+    with pytest.raises(MoelabError, match="no expert has the 2 or more examples"):
+        build(tmp_path, **fields)
+    assert not (tmp_path / "moe").exists()
+
+
 def test_missing_router_data_is_a_clear_error(tmp_path, tiny_dense):
     dense = tiny_dense("dense")
     fields = trained_recipe(tmp_path, dense)

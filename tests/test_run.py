@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from moelab.errors import MoelabError
 from moelab.eval.report import EvalReport
 from moelab.run import DEMO_DATA_DIR, RunConfig, demo_config, estimate_run, plan_stages, run_stages
 
@@ -81,6 +82,48 @@ def test_identical_experts_score_as_their_expert_and_reruns_skip_what_is_done(tm
     edited = statuses(run_stages(plan_stages(config), out))
     assert [n for n, s in edited.items() if s == "ran"] == ["build", "probe", "eval MoE", "compare", "report",
                                                             "leaderboard"]
+
+
+def test_mergekit_baseline_beside_the_moe_in_the_retention_headline(tmp_path, tiny_dense):
+    base, code = tiny_dense("chat"), tiny_dense("code", seed=5)
+    (tmp_path / "code.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in
+                                                 ["def add(a, b): return a + b", "import os\nimport sys",
+                                                  "class Model(nn.Module): pass", "for x in range(10): print(x)"]))
+    recipe = tmp_path / "pair.yaml"
+    recipe.write_text(f"""name: pair
+base_model: {base}
+shared_weights: average
+gate_mode: ridge
+experts_per_token: 1
+router_training: {{examples: 8}}
+experts:
+  - {{name: chat, source_model: {base}, positive_prompts: ["hello there", "how are you", "nice day", "thanks"]}}
+  - name: code
+    source_model: {code}
+    positive_prompts: ["def f(x): return x", "import os", "x = [1, 2]", "class A: pass"]
+    eval_data: {{path: {tmp_path / "code.jsonl"}, kind: nll, tokens: 12}}
+""")
+    config = RunConfig(recipe, tmp_path / "out", ["bigbench_navigate", "domains"], 2, DEMO_DATA_DIR, device="cpu",
+                       mergekit_baseline=True)
+    first = statuses(run_stages(plan_stages(config), config.out))
+    assert list(first) == ["build", "build mergekit-way", "eval mergekit-way", "eval MoE", "eval experts",
+                           "compare", "report", "leaderboard", "retention"]
+    out = config.out
+    baseline = json.loads((out / "pair-mergekit-way" / "moelab.json").read_text())
+    assert baseline["gate_mode"] == "hidden" and "shared_weights: base" in \
+        (out / "pair-mergekit-way" / "moelab_recipe.yaml").read_text()
+    scores = {name: {r.task: r for r in EvalReport.load(out / "reports" / name / "nous.json").results}
+              for name in ("pair", "pair-mergekit-way", "chat", "code")}
+    assert list(scores["pair-mergekit-way"]) == ["domain_code"]  # the baseline runs only the domain tasks
+    [row] = json.loads((out / "retention.json").read_text())
+    assert (row["domain"], row["expert"]) == ("code", "code")
+    assert (row["base"], row["expert_value"], row["moe"], row["mergekit_way"]) == tuple(
+        scores[name]["domain_code"].value for name in ("chat", "code", "pair", "pair-mergekit-way"))
+    assert "| code   | nll (lower is better) |" in (out / "retention.md").read_text()
+    assert set(statuses(run_stages(plan_stages(config), out)).values()) == {"up to date"}
+
+    with pytest.raises(MoelabError, match="add domains to --eval-tasks"):
+        plan_stages(RunConfig(recipe, out, ["bigbench_navigate"], 2, DEMO_DATA_DIR, mergekit_baseline=True))
 
 
 def test_estimate_counts_models_and_scored_choices():

@@ -180,6 +180,9 @@ def fitted_gates(model, tokenizer, experts: Sequence[Expert], names: Sequence[st
         fit_part, held_part = _split_examples(examples, options, generator)
         train.append(_token_features(model, tokenizer, fit_part, options, generator))
         heldout.append(_token_features(model, tokenizer, held_part, options, generator) if held_part else None)
+    if all(f is None for f in heldout):
+        raise MoelabError(f"gate_mode {mode}: no expert has the 2 or more examples needed to hold some out and "
+                          "measure routing; give the experts router_data files (or more positive_prompts)")
     labels = torch.cat([torch.full((f.shape[1],), e) for e, f in enumerate(train)])
     features = torch.cat(train, dim=1)
     started = time.perf_counter()
