@@ -4,7 +4,7 @@ Experts: the demo's (moelab/recipes/demo-smollm2.yaml): SmolLM2-135M-Instruct as
 and code LoRA experts. Evaluated on the held-out sets shipped in moelab/data/heldout (math: exact answer, greedy with
 the chat template, 64 new tokens; code: mean token NLL of the first 256 tokens), all through `moelab eval`'s domain
 tasks:
-- base, and each expert alone;
+- base, and each expert alone (on its own domain);
 - perfect-routing ceilings: the base with one expert's MLP swapped in, shared (non-MLP) weights as a shared_weights
   mode merges them (taken from the MoE built with that mode);
 - MoEs (CONFIGS, --configs): mergekit-moe's way (shared base + hidden), moelab's fitted routers on merged shared
@@ -87,17 +87,20 @@ class Evaluator:
 
     def __init__(self, args, work: Path, reports: Path):
         self.device, self.reports = args.device, reports
-        self.domains_file = work / "domains.yaml"
-        self.domains_file.write_text(yaml.safe_dump({name: {**spec, "limit": args.limit}
-                                                     for name, spec in DOMAINS.items()}))
+        # Every domain, and each domain alone (an expert's retention needs only its own domain).
+        self.domains_files = {}
+        for key, names in [("all", list(DOMAINS))] + [(name, [name]) for name in DOMAINS]:
+            self.domains_files[key] = work / f"domains-{key}.yaml"
+            self.domains_files[key].write_text(yaml.safe_dump({n: {**DOMAINS[n], "limit": args.limit}
+                                                               for n in names}))
         self.bigbench_limit = None if args.no_bigbench else args.bigbench_limit
         self.data_dir = work / "data"
         if self.bigbench_limit:
             self.data_dir.mkdir()
             (self.data_dir / "bigbench").symlink_to(Path(args.bigbench_dir).resolve(), target_is_directory=True)
 
-    def domains(self, model: Path, label: str) -> dict[str, tuple[float, float | None]]:
-        report = run_eval(str(model), EvalSettings(tasks=[str(self.domains_file)], device=self.device), None,
+    def domains(self, model: Path, label: str, only: str = "all") -> dict[str, tuple[float, float | None]]:
+        report = run_eval(str(model), EvalSettings(tasks=[str(self.domains_files[only])], device=self.device), None,
                           self.reports / f"{label}.json")
         return {r.task.removeprefix("domain_"): (r.value, score_stderr(r)) for r in report.results}
 
@@ -119,18 +122,22 @@ def row(model: str, kind: str, scores: dict, bigbench, base: dict, experts: dict
     fields = {"model": model, "kind": kind}
     for domain, spec in DOMAINS.items():
         lower = spec["kind"] == "nll"
-        fields[domain], fields[f"{domain} se"] = scores[domain]
+        fields[domain], fields[f"{domain} se"] = scores.get(domain, (None, None))
+        if domain not in scores:  # an expert measured on its own domain only
+            fields[f"{domain} retention"] = fields[f"{domain} retention se"] = None
+            continue
         fields[f"{domain} retention"] = retention(base[domain][0], experts[domain][domain][0], scores[domain][0],
                                                   lower)
-        fields[f"{domain} retention se"] = retention_stderr(base[domain], experts[domain][domain], scores[domain],
-                                                            lower)
+        fields[f"{domain} retention se"] = (None if kind == "expert" else  # 100% by definition
+                                            retention_stderr(base[domain], experts[domain][domain], scores[domain],
+                                                             lower))
     fields["bigbench"], fields["bigbench se"] = bigbench or (None, None)
     return fields
 
 
 def markdown(rows: list[dict], settings: dict) -> str:
-    def number(value, digits: int) -> str:
-        return "" if value is None else f"{value:.{digits}f}"
+    def number(value, stderr, digits: int) -> str:
+        return "" if value is None else f"{value:.{digits}f} ± {stderr:.{digits}f}"
 
     lines = [f"Held-out items per domain: {settings['limit']}; BigBench: "
              + (f"18 tasks x {settings['bigbench_limit']} items" if settings["bigbench_limit"] else "not run")
@@ -141,9 +148,9 @@ def markdown(rows: list[dict], settings: dict) -> str:
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         bigbench = "" if r["bigbench"] is None else f"{r['bigbench']:.2f} ± {r['bigbench se']:.2f}"
-        lines.append(f"| {r['model']} | {number(r['math'], 3)} ± {number(r['math se'], 3)} "
+        lines.append(f"| {r['model']} | {number(r['math'], r['math se'], 3)} "
                      f"| {retention_text(r['math retention'], r['math retention se'])} "
-                     f"| {number(r['code'], 3)} ± {number(r['code se'], 3)} "
+                     f"| {number(r['code'], r['code se'], 3)} "
                      f"| {retention_text(r['code retention'], r['code retention se'])} | {bigbench} |")
     return "\n".join(lines) + "\n"
 
@@ -184,7 +191,8 @@ def main() -> None:
         base_dir = resolve_model(smollm2)
         expert_dirs = {name: resolve_model(f"{smollm2}+{adapter}") for name, adapter in EXPERT_ADAPTERS.items()}
         base = evaluator.domains(base_dir, "base")
-        experts = {name: evaluator.domains(folder, f"expert-{name}") for name, folder in expert_dirs.items()}
+        experts = {name: evaluator.domains(folder, f"expert-{name}", only=name)
+                   for name, folder in expert_dirs.items()}
 
         def add(model: str, kind: str, folder: Path, label: str, scores: dict | None = None,
                 with_bigbench: bool = True) -> None:
