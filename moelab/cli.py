@@ -366,7 +366,8 @@ def run_loop(config) -> None:
     stages = plan_stages(config)
     estimate = estimate_run(config)
     if estimate is not None:
-        console.print(f"{estimate.models} models x {estimate.requests_per_model} scored choices each: about "
+        domains = f" and {estimate.domain_items} domain items" if estimate.domain_items else ""
+        console.print(f"{estimate.models} models x {estimate.requests_per_model} scored choices{domains} each: about "
                       f"{estimate.seconds / 60:.0f} min on 2 idle CPU cores from scratch (more when they are busy)",
                       highlight=False)
         if estimate.over_budget:

@@ -12,7 +12,9 @@ import pytest
 
 from moelab.errors import MoelabError
 from moelab.eval.report import EvalReport
-from moelab.run import DEMO_DATA_DIR, RunConfig, demo_config, estimate_run, plan_stages, run_stages
+from moelab.run import (BASELINE_BUILD_CPU_SECONDS, CPU_SECONDS_PER_REQUEST, DEMO_DATA_DIR,
+                        DOMAIN_CPU_SECONDS_PER_ITEM, FIXED_CPU_SECONDS, RunConfig, demo_config, estimate_run,
+                        plan_stages, run_stages)
 
 TASKS = ["bigbench_navigate", "bigbench_snarks"]
 LIMIT = 8
@@ -128,8 +130,11 @@ experts:
 
 def test_estimate_counts_models_and_scored_choices():
     estimate = estimate_run(demo_config(Path("unused"), limit=2, tasks=TASKS))
-    # The MoE plus three distinct experts; navigate and snarks have two choices per example.
-    assert (estimate.models, estimate.requests_per_model) == (4, 2 * 2 + 2 * 2)
+    # The MoE plus three distinct experts; navigate and snarks have two choices per example. The domain tasks
+    # (20 math and 20 code items) run on those four and on the mergekit-way MoE, built besides.
+    assert (estimate.models, estimate.requests_per_model, estimate.domain_items) == (4, 2 * 2 + 2 * 2, 40)
+    assert estimate.seconds == pytest.approx(FIXED_CPU_SECONDS + 4 * 8 * CPU_SECONDS_PER_REQUEST + 5 * 20 * (
+        DOMAIN_CPU_SECONDS_PER_ITEM["exact_match"] + DOMAIN_CPU_SECONDS_PER_ITEM["nll"]) + BASELINE_BUILD_CPU_SECONDS)
     assert not estimate.over_budget
     assert estimate_run(demo_config(Path("unused"), limit=1000)).over_budget
 
@@ -152,22 +157,31 @@ def test_demo_end_to_end(tmp_path):
                              ",".join(TASKS), "--out", str(out), "--device", "cpu"],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "Verdict" in result.stdout and "artifacts" in result.stdout
+    # The headline: both retentions, mergekit-moe's way and moelab's, then the verdict.
+    assert result.stdout.index("Retention, moelab") < result.stdout.index("Verdict") and "artifacts" in result.stdout
 
     moe_name = "SmolLM2-3x135M-demo"
     reports = {p.parent.name: EvalReport.load(p) for p in (out / "reports").glob("*/nous.json")}
-    assert sorted(reports) == sorted([moe_name, f"{moe_name}.chat", f"{moe_name}.math", f"{moe_name}.code"])
-    for report in reports.values():
-        assert [r.task for r in report.results] == TASKS and report.settings.limit == 2
-        assert all(0 <= r.value <= 1 and r.n == 2 for r in report.results)
+    assert sorted(reports) == sorted([moe_name, f"{moe_name}-mergekit-way", f"{moe_name}.chat", f"{moe_name}.math",
+                                      f"{moe_name}.code"])
+    domains = ["domain_math", "domain_code"]
+    for name, report in reports.items():
+        results = {r.task: r for r in report.results}
+        assert list(results) == (domains if name.endswith("-mergekit-way") else TASKS + domains)
+        assert all(results[t].n == 2 and 0 <= results[t].value <= 1 for t in results if t in TASKS)
+        assert results["domain_math"].n == results["domain_code"].n == 20  # the recipe's eval_data limit
+    rows = {r["domain"]: r for r in json.loads((out / "retention.json").read_text())}
+    assert set(rows) == {"math", "code"} and rows["code"]["expert"] == "code"
+    assert rows["code"]["mergekit_way"] == {r.task: r.value for r in reports[f"{moe_name}-mergekit-way"].results}[
+        "domain_code"]
     table = pd.read_csv(out / "compare" / "compare.csv")
-    assert list(table["Name"]) == [*TASKS, "Bigbench", "Average"]
-    assert table[[moe_name, "chat", "math", "code"]].stack().between(0, 100).all()
+    assert set(TASKS) <= set(table["Name"]) and "Bigbench" in set(table["Name"])
     probe = json.loads((out / "probe.json").read_text())
     assert probe["expert_names"] == ["chat", "math", "code"] and probe["num_prompts"] == 12
     assert 1 / 3 < probe["accuracy"] <= 1  # better than chance routing of held-out domain prompts
-    for artifact in [f"{moe_name}/moelab.json", "routing.png", f"{moe_name}-Nous.md", "compare/compare.md",
-                     "compare/compare.png", "leaderboard/leaderboard.md", "leaderboard/leaderboard.csv",
-                     "leaderboard/leaderboard.png", "run.json"]:
+    for artifact in [f"{moe_name}/moelab.json", f"{moe_name}-mergekit-way/moelab.json", "retention.md",
+                     "routing.png", f"{moe_name}-Nous.md", "compare/compare.md", "compare/compare.png",
+                     "leaderboard/leaderboard.md", "leaderboard/leaderboard.csv", "leaderboard/leaderboard.png",
+                     "run.json"]:
         assert (out / artifact).stat().st_size > 0, artifact
     assert moe_name in (out / "leaderboard" / "leaderboard.md").read_text()
