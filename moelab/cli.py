@@ -54,6 +54,8 @@ def build(
                   f"({result.total_bytes / 1e9:.2f} GB in {result.num_shards} shard(s)) at {out}")
     if result.routing is not None:
         Console().print(routing_table(result.routing))
+    if result.heal is not None:
+        Console().print(heal_table(result.heal))
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
 
@@ -70,6 +72,20 @@ def routing_table(report):
         table.add_row(name, f"{report.hidden.accuracy[name]:.3f}", f"{accuracy:.3f}")
     table.add_row("overall", f"{report.hidden.overall:.3f}", f"{report.fitted.overall:.3f}", style="bold")
     table.add_row("imbalance (CV)", f"{report.hidden.balance_cv:.3f}", f"{report.fitted.balance_cv:.3f}")
+    return table
+
+
+def heal_table(report):
+    """Held-out KL to each domain's teacher and NLL of its data, before and after the heal step."""
+    from rich.table import Table
+
+    table = Table(title=f"heal: {report.steps} steps of {', '.join(report.parts)} ({report.trainable_params:,} "
+                        f"parameters, {report.seconds:.0f} s); held-out tokens")
+    for column in ("domain", "tokens", "KL before", "KL after", "NLL before", "NLL after", "NLL teacher"):
+        table.add_column(column, justify="left" if column == "domain" else "right")
+    for name, d in report.domains.items():
+        table.add_row(name, str(d.heldout_tokens), f"{d.kl_before:.4f}", f"{d.kl_after:.4f}", f"{d.nll_before:.3f}",
+                      f"{d.nll_after:.3f}", f"{d.nll_teacher:.3f}")
     return table
 
 

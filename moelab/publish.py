@@ -79,7 +79,8 @@ def plan_model_upload(model_dir: Path, repo: str, private: bool = False, report:
     notes, shared_deltas = build_details(old_card)
     eval_report = _load_report(report)
     card = model_card(recipe, recipe_text, meta["architecture"], notes, shared_deltas, report=eval_report,
-                      repo_id=repo, routing=meta.get("routing"), retention=_load_retention(report))
+                      repo_id=repo, routing=meta.get("routing"), retention=_load_retention(report),
+                      heal=meta.get("heal"))
     paths = [p for p in sorted(model_dir.rglob("*")) if p.is_file() and not _is_hidden(p.relative_to(model_dir))]
     files = [LocalFile(p.relative_to(model_dir).as_posix(), p.stat().st_size, p)
              for p in paths if p != model_dir / "README.md"]

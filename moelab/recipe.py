@@ -16,6 +16,7 @@ PROMPTED_GATE_MODES = ("hidden", "cheap_embed", "hidden_last", "hidden_avg", "tr
 FITTED_GATE_MODES = ("trained", "ridge")  # router rows fitted to the experts' router_data
 RANDOM_GATE_MODES = ("random", "uniform_random")
 SHARED_WEIGHT_MODES = ("base", "average", "task_arithmetic", "ties")
+HEAL_PARTS = ("shared", "router", "experts")
 
 # Output architectures. Keys are moelab ids; values are the spellings mergekit-moe accepts (it prefix-matches,
 # case-insensitively), so its recipes work unchanged.
@@ -45,6 +46,8 @@ class Expert(BaseModel):
     router_data: Optional[str] = None
     # `moelab eval --tasks domains`: held-out data of this expert's domain (fields in moelab/eval/domain.py).
     eval_data: Optional[dict] = None
+    # heal: examples of this expert's domain to distill it on (default: its router_data).
+    heal_data: Optional[str] = None
 
 
 class RouterTraining(BaseModel):
@@ -60,6 +63,26 @@ class RouterTraining(BaseModel):
     alpha: float = Field(0.1, gt=0, description="ridge: penalty, relative to the mean eigenvalue of the features")
     margin: float = Field(4.0, gt=0, description="ridge: logit gap aimed for between a token's expert and the rest")
     holdout: float = Field(0.25, ge=0, lt=1, description="share of examples held out to measure routing")
+
+
+class Heal(BaseModel):
+    """Options of the heal step after the merge (see moelab/build/heal.py)."""
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(60, ge=1, description="optimizer steps")
+    rank: int = Field(8, ge=1, description="LoRA rank")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate (warm-up, then cosine decay)")
+    parts: list[str] = Field(default_factory=lambda: ["shared", "router"],
+                             description="what is trained: shared (LoRA on attention), router (its rows), experts "
+                                         "(LoRA on the experts' MLPs)")
+    examples: int = Field(48, ge=2, description="examples per domain, before the held-out split")
+    tokens: int = Field(64, ge=2, description="tokens per example (longer ones are cut)")
+    batch: int = Field(2, ge=1, description="examples per domain in each step")
+    holdout: float = Field(0.2, gt=0, lt=1, description="share of the examples held out to measure the heal")
+    top_k: int = Field(32, ge=1, description="teacher log-probabilities kept per token")
+    general_weight: float = Field(0.5, ge=0, description="weight of the general-data term (base as teacher)")
+    general_data: Optional[str] = None
+    load_in_4bit: bool = Field(False, description="CUDA: frozen weights in 4-bit (QLoRA) through bitsandbytes")
 
 
 class Recipe(BaseModel):
@@ -79,6 +102,7 @@ class Recipe(BaseModel):
     shared_weights: str = "base"
     density: float = 0.5
     router_training: RouterTraining = Field(default_factory=RouterTraining)
+    heal: Optional[Heal] = None
 
     def expert_names(self) -> list[str]:
         return [e.name or f"E{i}" for i, e in enumerate(self.experts)]
@@ -184,6 +208,8 @@ def _check_recipe(recipe: Recipe, source: str) -> None:
     if not 0 < recipe.density <= 1:
         raise MoelabError(f"{source}: density is {recipe.density}; it is the share of each delta ties keeps, "
                           "so set it in (0, 1]")
+    if recipe.heal is not None:
+        _check_heal(recipe.heal, source)
     if recipe.shared_experts is not None and len(recipe.shared_experts) > 1:
         raise MoelabError(
             f"{source}: {len(recipe.shared_experts)} shared experts given; the supported layouts take at most one "
@@ -209,3 +235,13 @@ def _check_recipe(recipe: Recipe, source: str) -> None:
             f"{source}: all experts are the same model ({recipe.experts[0].source_model}), so the MoE computes "
             "exactly what that model does and routing changes nothing until it is trained; set "
             "allow_identical_experts: true (or pass --allow-identical-experts) if that is what you want")
+
+
+def _check_heal(heal: Heal, source: str) -> None:
+    unknown = [p for p in heal.parts if p not in HEAL_PARTS]
+    if unknown or not heal.parts or len(set(heal.parts)) != len(heal.parts):
+        raise MoelabError(f"{source}: heal.parts is {heal.parts}; list each of {', '.join(HEAL_PARTS)} at most once "
+                          "(at least one)")
+    if heal.examples * heal.holdout < 1 or heal.examples * (1 - heal.holdout) < 1:
+        raise MoelabError(f"{source}: heal.examples {heal.examples} with heal.holdout {heal.holdout} leaves no "
+                          "training or no held-out example; raise examples or change holdout")

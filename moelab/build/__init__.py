@@ -44,6 +44,7 @@ class BuildResult:
     warnings: list[str] = field(default_factory=list)
     shared_deltas: dict[str, float] = field(default_factory=dict)  # expert -> relative change of shared weights
     routing: Optional[object] = None  # RouterReport of gate_mode trained/ridge: held-out routing, hidden vs fitted
+    heal: Optional[object] = None  # HealReport of the recipe's heal step: held-out KL and NLL before/after
 
 
 @dataclass
@@ -106,19 +107,28 @@ def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions
         config = moe_config_dict(layout, base.config, len(experts), recipe.experts_per_token, bool(shared), out_dtype)
         _write_config(layout, config, tmp)
         _copy_tokenizer(base.folder, tmp)
+        heal = _heal(tmp, layout, recipe, base, experts, seed, options, recipe_dir) if recipe.heal else None
         routing = router_report.to_json() if router_report else None
-        _write_metadata(tmp, recipe, recipe_text, layout, routing)
+        _write_metadata(tmp, recipe, recipe_text, layout, routing, heal and heal.to_json())
         from moelab.card import model_card
 
-        (tmp / "README.md").write_text(
-            model_card(recipe, recipe_text, layout.arch_id, warnings, shared_deltas, routing=routing))
+        (tmp / "README.md").write_text(model_card(recipe, recipe_text, layout.arch_id, warnings, shared_deltas,
+                                                  routing=routing, heal=heal and heal.to_json()))
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BuildResult(out=out, architecture=layout.arch_id, num_experts=len(experts), num_shards=len(shard_names),
                        total_bytes=sum(t.nbytes for t in plan), warnings=warnings, shared_deltas=shared_deltas,
-                       routing=router_report)
+                       routing=router_report, heal=heal)
+
+
+def _heal(folder: Path, layout: MoeLayout, recipe: Recipe, base: ResolvedModel, experts: list[ResolvedModel],
+          seed: int, options: BuildOptions, recipe_dir: Optional[Path]):
+    from moelab.build.heal import HealSettings, heal_checkpoint
+
+    return heal_checkpoint(folder, layout, recipe, base.folder, [e.folder for e in experts],
+                           HealSettings(options.device, seed, options.show_progress), recipe_dir)
 
 
 def _shared_weights(recipe: Recipe, base: ResolvedModel, models: list[ResolvedModel]) -> SharedWeights:
@@ -257,7 +267,7 @@ def _copy_tokenizer(base_dir: Path, folder: Path) -> None:
 
 
 def _write_metadata(folder: Path, recipe: Recipe, recipe_text: str, layout: MoeLayout,
-                    routing: Optional[dict]) -> None:
+                    routing: Optional[dict], heal: Optional[dict] = None) -> None:
     from moelab import __version__
 
     (folder / "moelab_recipe.yaml").write_text(recipe_text)
@@ -272,6 +282,7 @@ def _write_metadata(folder: Path, recipe: Recipe, recipe_text: str, layout: MoeL
                           if recipe.shared_experts else None),
         "recipe_sha256": recipe_hash(recipe_text),
         "routing": routing,
+        "heal": heal,
     }
     (folder / "moelab.json").write_text(json.dumps(meta, indent=2) + "\n")
 

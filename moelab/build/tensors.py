@@ -70,6 +70,19 @@ class SafetensorsFolder:
                 raise MoelabError(f"{path} ends inside tensor {name}; the file is truncated, download it again")
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
+    def overwrite(self, name: str, tensor) -> None:
+        """Write new data over a tensor in its file, in place; the shape and dtype must be the stored ones."""
+        import torch
+
+        data_start, entry = self._entry(name)
+        code = SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")]
+        if list(tensor.shape) != entry["shape"] or code != entry["dtype"]:
+            raise RuntimeError(f"{name}: new data is {tuple(tensor.shape)} {code}, stored {entry['shape']} "
+                               f"{entry['dtype']}")
+        with open(self.folder / self.weight_map[name], "r+b") as f:
+            f.seek(data_start + entry["data_offsets"][0])
+            f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+
 
 def _read_header(path: Path) -> tuple[int, dict]:
     """(offset of the data section, {tensor name: entry}) of a safetensors file."""
