@@ -182,7 +182,7 @@ def main() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     started = time.perf_counter()
     reports = BENCH_DIR / "retention"
-    shutil.rmtree(reports, ignore_errors=True)  # every figure of this run comes from this run
+    # Reports of earlier runs stay: run_eval reuses only tasks of the same model content and settings.
     work = Path(tempfile.mkdtemp(prefix="bench-retention-"))
     smollm2 = args.smollm2 or SMOLLM2_REF
     rows = []

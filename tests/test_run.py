@@ -13,8 +13,8 @@ import pytest
 from moelab.errors import MoelabError
 from moelab.eval.report import EvalReport
 from moelab.run import (BASELINE_BUILD_CPU_SECONDS, CPU_SECONDS_PER_REQUEST, DEMO_DATA_DIR,
-                        DOMAIN_CPU_SECONDS_PER_ITEM, FIXED_CPU_SECONDS, RunConfig, demo_config, estimate_run,
-                        plan_stages, run_stages)
+                        DOMAIN_CPU_SECONDS_PER_ITEM, FIXED_CPU_SECONDS, HEAL_CPU_SECONDS_PER_STEP, RunConfig,
+                        demo_config, estimate_run, plan_stages, run_stages)
 
 TASKS = ["bigbench_navigate", "bigbench_snarks"]
 LIMIT = 8
@@ -131,10 +131,11 @@ experts:
 def test_estimate_counts_models_and_scored_choices():
     estimate = estimate_run(demo_config(Path("unused"), limit=2, tasks=TASKS))
     # The MoE plus three distinct experts; navigate and snarks have two choices per example. The domain tasks
-    # (20 math and 20 code items) run on those four and on the mergekit-way MoE, built besides.
-    assert (estimate.models, estimate.requests_per_model, estimate.domain_items) == (4, 2 * 2 + 2 * 2, 40)
-    assert estimate.seconds == pytest.approx(FIXED_CPU_SECONDS + 4 * 8 * CPU_SECONDS_PER_REQUEST + 5 * 20 * (
-        DOMAIN_CPU_SECONDS_PER_ITEM["exact_match"] + DOMAIN_CPU_SECONDS_PER_ITEM["nll"]) + BASELINE_BUILD_CPU_SECONDS)
+    # (16 math and 16 code items) run on those four and on the mergekit-way MoE, built besides; heal takes 12 steps.
+    assert (estimate.models, estimate.requests_per_model, estimate.domain_items) == (4, 2 * 2 + 2 * 2, 32)
+    assert estimate.seconds == pytest.approx(FIXED_CPU_SECONDS + 4 * 8 * CPU_SECONDS_PER_REQUEST + 5 * 16 * (
+        DOMAIN_CPU_SECONDS_PER_ITEM["exact_match"] + DOMAIN_CPU_SECONDS_PER_ITEM["nll"]) + BASELINE_BUILD_CPU_SECONDS
+        + 12 * HEAL_CPU_SECONDS_PER_STEP)
     assert not estimate.over_budget
     assert estimate_run(demo_config(Path("unused"), limit=1000)).over_budget
 
@@ -169,7 +170,7 @@ def test_demo_end_to_end(tmp_path):
         results = {r.task: r for r in report.results}
         assert list(results) == (domains if name.endswith("-mergekit-way") else TASKS + domains)
         assert all(results[t].n == 2 and 0 <= results[t].value <= 1 for t in results if t in TASKS)
-        assert results["domain_math"].n == results["domain_code"].n == 20  # the recipe's eval_data limit
+        assert results["domain_math"].n == results["domain_code"].n == 16  # the recipe's eval_data limit
     rows = {r["domain"]: r for r in json.loads((out / "retention.json").read_text())}
     assert set(rows) == {"math", "code"} and rows["code"]["expert"] == "code"
     assert rows["code"]["mergekit_way"] == {r.task: r.value for r in reports[f"{moe_name}-mergekit-way"].results}[
