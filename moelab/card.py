@@ -75,7 +75,7 @@ def model_card(recipe: Recipe, recipe_text: str, architecture: str, notes: list[
         + (_retention_markdown(retention) if retention else "")
         + (f"{BUILD_NOTES}\n{notes_md}\n" if notes else "")
         + f"## Recipe\n```yaml\n{recipe_text.rstrip()}\n```\n\n"
-        + _usage(repo_id)
+        + _usage(repo_id, architecture)
         + _license_note(licenses, license_id)
     )
 
@@ -120,11 +120,21 @@ def heal_markdown(heal: dict) -> str:
             f"|---|---|---:|---:|---:|---:|---:|---:|\n{rows}\n")
 
 
-def _usage(repo_id: str | None) -> str:
+def _usage(repo_id: str | None, architecture: str) -> str:
+    from moelab.build.layouts import LAYOUTS
+
     model = f'"{repo_id}"' if repo_id else '"path/to/this/folder"'
+    remote_code = LAYOUTS[architecture].remote_code if architecture in LAYOUTS else None
+    note, load_args = "", model
+    if remote_code:
+        note = (f"transformers has no class for {LAYOUTS[architecture].hf_architecture}: loading runs the modelling "
+                f"code of [{remote_code}](https://huggingface.co/{remote_code}) (`trust_remote_code=True`). vLLM and "
+                "llama.cpp (convert_hf_to_gguf.py) support it natively.\n")
+        load_args = f"{model}, trust_remote_code=True"
     return (
-        "## Usage\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f"tokenizer = AutoTokenizer.from_pretrained({model})\nmodel = AutoModelForCausalLM.from_pretrained({model})\n"
+        f"## Usage\n{note}```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f"tokenizer = AutoTokenizer.from_pretrained({model})\n"
+        f"model = AutoModelForCausalLM.from_pretrained({load_args})\n"
         "messages = [{\"role\": \"user\", \"content\": \"What is 12 times 7?\"}]\n"
         "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")\n"
         "print(tokenizer.decode(model.generate(inputs, max_new_tokens=64)[0]))\n```\n"

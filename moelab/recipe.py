@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -18,20 +20,19 @@ RANDOM_GATE_MODES = ("random", "uniform_random")
 SHARED_WEIGHT_MODES = ("base", "average", "task_arithmetic", "ties")
 HEAL_PARTS = ("shared", "router", "experts")
 
-# Output architectures. Keys are moelab ids; values are the spellings mergekit-moe accepts (it prefix-matches,
-# case-insensitively), so its recipes work unchanged.
-ARCHITECTURE_ALIASES = {
-    "mixtral": ("mixtral",),
-    "qwen2_moe": ("qwen2_moe", "qwen moe", "qwen2 moe", "qwen2moe"),
-    "qwen3_moe": ("qwen3_moe", "qwen3 moe", "qwen3moe"),
-    "deepseek_moe": ("deepseek_moe", "deepseek moe", "deepseek"),
-}
+# Output architectures: moelab id -> mergekit-moe's name, in mergekit-moe's order of preference. `architecture:`
+# is a moelab id, or (as in mergekit-moe) any case-insensitive prefix of a name, which may match several.
+ARCHITECTURE_NAMES = {"mixtral": "Mixtral", "deepseek_moe": "DeepSeek MoE", "qwen2_moe": "Qwen MoE",
+                      "qwen3_moe": "Qwen3 MoE"}
+# An unknown recipe key this close to a known one (difflib ratio) is a typo, not a key to ignore.
+NEAR_MISS_RATIO = 0.8
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16",
           "float32": "float32", "fp32": "float32", "float": "float32"}
 
 
 class Expert(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown keys are kept, then warned about (mergekit-moe ignores them); near-misses are refused before this.
+    model_config = ConfigDict(extra="allow")
 
     source_model: str
     positive_prompts: list[str] = Field(default_factory=list)
@@ -86,7 +87,7 @@ class Heal(BaseModel):
 
 
 class Recipe(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
     base_model: str
     experts: list[Expert]
@@ -107,16 +108,26 @@ class Recipe(BaseModel):
     def expert_names(self) -> list[str]:
         return [e.name or f"E{i}" for i, e in enumerate(self.experts)]
 
-    def output_architecture(self) -> Optional[str]:
-        """The moelab id of the requested output architecture, or None to infer it from the models."""
-        if self.architecture is None:
-            return None
-        asked = self.architecture.strip().lower()
-        for arch_id, spellings in ARCHITECTURE_ALIASES.items():
-            if any(asked.startswith(s) for s in spellings):
-                return arch_id
-        known = ", ".join(ARCHITECTURE_ALIASES)
-        raise MoelabError(f"unknown architecture '{self.architecture}': use one of {known}, or leave it out to infer it")
+    def output_architectures(self) -> tuple[str, ...]:
+        """The moelab ids `architecture` may mean, in mergekit-moe's order of preference (all when it is absent)."""
+        if not self.architecture:
+            return tuple(ARCHITECTURE_NAMES)
+        asked = self.architecture.lower()
+        if asked in ARCHITECTURE_NAMES:
+            return (asked,)
+        matches = tuple(a for a, name in ARCHITECTURE_NAMES.items() if name.lower().startswith(asked))
+        if not matches:
+            names = ", ".join(f"{a} ('{name}')" for a, name in ARCHITECTURE_NAMES.items())
+            raise MoelabError(f"unknown architecture '{self.architecture}': use one of {names} or a prefix of a "
+                              "quoted name, or leave it out to infer it")
+        return matches
+
+    def ignored_keys(self) -> list[str]:
+        """Recipe keys moelab does not know (mergekit-moe ignores them too), as dotted paths."""
+        keys = list(self.model_extra or {})
+        for group, experts in (("experts", self.experts), ("shared_experts", self.shared_experts or [])):
+            keys += [f"{group}.{i}.{key}" for i, e in enumerate(experts) for key in e.model_extra or {}]
+        return keys
 
     def torch_dtype_name(self) -> Optional[str]:
         return None if self.dtype is None else DTYPES[self.dtype.lower()]
@@ -150,6 +161,7 @@ def parse_recipe(text: str, source: str = "<recipe>", allow_identical_experts: b
         raise MoelabError(f"{source}: malformed YAML{where}: {problem}; fix the YAML syntax there") from None
     if not isinstance(data, dict):
         raise MoelabError(f"{source}: a recipe is a YAML mapping with base_model and experts; got {type(data).__name__}")
+    _check_keys(data, root, source)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
@@ -158,6 +170,27 @@ def parse_recipe(text: str, source: str = "<recipe>", allow_identical_experts: b
     recipe.allow_identical_experts = recipe.allow_identical_experts or allow_identical_experts
     _check_recipe(recipe, source)
     return recipe
+
+
+def _check_keys(data: dict, root, source: str) -> None:
+    """Refuse what is surely a mistake before validation: a key one typo away from a field, prompts as one string."""
+    mappings = [((), data, Recipe)]
+    for group in ("experts", "shared_experts"):
+        if isinstance(data.get(group), list):
+            mappings += [((group, i), e, Expert) for i, e in enumerate(data[group]) if isinstance(e, dict)]
+    for loc, mapping, model in mappings:
+        for key, value in mapping.items():
+            where = f"{source}{_line_of(root, loc + (key,))}"
+            field = ".".join(str(p) for p in loc + (key,))
+            if key in model.model_fields:
+                if key in ("positive_prompts", "negative_prompts") and isinstance(value, str):
+                    shown = value if len(value) <= 40 else value[:37] + "..."
+                    raise MoelabError(f"{where}: '{field}' is one string; write a list, one prompt per item: "
+                                      f"{key}: [{json.dumps(shown)}, \"another prompt\"]")
+                continue
+            meant = difflib.get_close_matches(str(key), list(model.model_fields), n=1, cutoff=NEAR_MISS_RATIO)
+            if meant:
+                raise MoelabError(f"{where}: unknown field '{field}'; did you mean {meant[0]}?")
 
 
 def _describe(error: dict) -> str:
@@ -201,7 +234,7 @@ def _check_recipe(recipe: Recipe, source: str) -> None:
         raise MoelabError(f"{source}: unknown gate_mode '{recipe.gate_mode}'; use one of {', '.join(GATE_MODES)}")
     if recipe.dtype is not None and recipe.dtype.lower() not in DTYPES:
         raise MoelabError(f"{source}: unknown dtype '{recipe.dtype}'; use bfloat16, float16 or float32")
-    recipe.output_architecture()
+    recipe.output_architectures()
     if recipe.shared_weights not in SHARED_WEIGHT_MODES:
         raise MoelabError(f"{source}: unknown shared_weights '{recipe.shared_weights}'; "
                           f"use one of {', '.join(SHARED_WEIGHT_MODES)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -9,8 +10,9 @@ from pathlib import Path
 from typing import Optional
 
 from moelab.build.merge import DROPPED_DELTA_WARNING, SharedWeights
-from moelab.build.layouts import (MATCHING_KEYS, MoeLayout, choose_layout, dense_mlp_names, expert_tensor_names,
-                                  is_dense_mlp, moe_config_dict)
+from moelab.build.layouts import (DENSE_FAMILIES, MATCHING_KEYS, MoeLayout, choose_layout, dense_mlp_sources,
+                                  expert_tensor_names, input_family, is_dense_mlp, llama_cpp_warnings, moe_config_dict,
+                                  split_tensor)
 from moelab.build.sources import resolve_model
 from moelab.build.tensors import SAFETENSORS_DTYPES, PlannedTensor, SafetensorsFolder, write_sharded
 from moelab.errors import MoelabError
@@ -70,7 +72,11 @@ def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions
     for role, model in [(f"expert {i} ({recipe.expert_names()[i]})", m) for i, m in enumerate(experts)] + \
             [("shared expert", m) for m in shared]:
         _check_compatible(base, model, role)
-    layout = choose_layout(recipe.output_architecture(), base.config.get("model_type", "?"), bool(shared))
+    family, family_warnings = input_family(base.config)
+    shared_spec = (recipe.shared_experts or [None])[0]
+    layout = choose_layout(recipe.output_architectures(), family.model_type, bool(shared),
+                           bool(shared_spec and (shared_spec.positive_prompts or shared_spec.negative_prompts)),
+                           recipe.architecture)
     out_dtype = recipe.torch_dtype_name() or _config_dtype(base.config)
 
     from moelab.build.gates import compute_gates, similar_expert_pairs
@@ -78,7 +84,10 @@ def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions
     shared_weights = _shared_weights(recipe, base, experts + shared)
     shared_weights.check_shapes()
     shared_deltas = shared_weights.relative_deltas()
-    warnings = [
+    warnings = [f"recipe key '{key}' is not used by moelab (mergekit-moe ignores it too); it is ignored"
+                for key in recipe.ignored_keys()]
+    warnings += family_warnings + llama_cpp_warnings(layout, len(experts), bool(shared))
+    warnings += [
         f"expert {name} changed the shared (non-MLP) weights by {delta:.1%} of their norm, and shared_weights: "
         "base drops that; use shared_weights: task_arithmetic to keep it"
         for name, delta in shared_deltas.items()
@@ -188,39 +197,46 @@ def plan_tensors(layout: MoeLayout, base: ResolvedModel, shared_weights: SharedW
     code = SAFETENSORS_DTYPES[out_dtype]
     num_layers, hidden = base.config["num_hidden_layers"], base.config["hidden_size"]
     num_experts = len(experts)
+    family = DENSE_FAMILIES[base.config["model_type"]]
     plan: list[PlannedTensor] = []
 
-    def from_source(source: SafetensorsFolder, name: str, out_name: str, spec: Optional[Expert] = None,
-                    role: str = "", salt: int = 0):
-        shape, _ = source.info(name)
+    def from_source(source: SafetensorsFolder, name_rows: tuple[str, Optional[tuple[int, int]]], out_name: str,
+                    spec: Optional[Expert] = None, role: str = "", salt: int = 0):
+        name, rows = name_rows
+        shape = _rows_shape(source.info(name)[0], rows)
 
         def produce():
-            tensor = source.get(name)
+            tensor = _take_rows(source.get(name), rows)
             if spec is not None:
                 tensor = _noise_and_scale(tensor, spec, role, seed, salt)
             return tensor.to(dtype)
         plan.append(PlannedTensor(out_name, shape, code, produce))
 
+    # A fused tensor (Phi-3's qkv_proj) becomes several outputs in a row: read (and merge) it once for them all.
+    read_shared = functools.lru_cache(maxsize=1)(shared_weights.get)
     for name in shared_weights.names:
-        plan.append(PlannedTensor(name, base.tensors.info(name)[0], code,
-                                  lambda name=name: shared_weights.get(name).to(dtype)))
+        shape = base.tensors.info(name)[0]
+        for out_name, rows in split_tensor(family, base.config, name):
+            plan.append(PlannedTensor(out_name, _rows_shape(shape, rows), code,
+                                      lambda name=name, rows=rows: _take_rows(read_shared(name), rows).to(dtype)))
     for layer in range(num_layers):
-        dense = dense_mlp_names(layer)
+        dense = dense_mlp_sources(family, base.config, layer)
         for e, (model, spec) in enumerate(zip(experts, recipe.experts)):
             for role, out_name in expert_tensor_names(layout, layer, e).items():
                 from_source(model.tensors, dense[role], out_name, spec, role, salt=layer * 1000 + e)
         plan.append(PlannedTensor(layout.router.format(layer=layer), (num_experts, hidden), code,
                                   lambda layer=layer: gates[layer, :num_experts].contiguous().to(dtype)))
-        if layout.shared_expert is None:
+        if layout.shared_expert is None or not (shared or layout.empty_shared_slot):
             continue
         shared_names = {role: n.format(layer=layer) for role, n in layout.shared_expert.items()}
-        gate_name = layout.shared_expert_gate.format(layer=layer)
+        gate_name = layout.shared_expert_gate and layout.shared_expert_gate.format(layer=layer)
         if shared:
             for role, out_name in shared_names.items():
                 from_source(shared[0].tensors, dense[role], out_name, recipe.shared_experts[0], role,
                             salt=layer * 1000 + 999)
-            plan.append(PlannedTensor(gate_name, (1, hidden), code,
-                                      lambda layer=layer: gates[layer, num_experts:].contiguous().to(dtype)))
+            if gate_name:
+                plan.append(PlannedTensor(gate_name, (1, hidden), code,
+                                          lambda layer=layer: gates[layer, num_experts:].contiguous().to(dtype)))
         else:
             # Qwen2-MoE always has a shared-expert slot: an empty one (size 0) adds nothing.
             for role, out_name in shared_names.items():
@@ -228,6 +244,14 @@ def plan_tensors(layout: MoeLayout, base: ResolvedModel, shared_weights: SharedW
                 plan.append(PlannedTensor(out_name, shape, code, lambda shape=shape: torch.zeros(shape, dtype=dtype)))
             plan.append(PlannedTensor(gate_name, (1, hidden), code, lambda: torch.zeros(1, hidden, dtype=dtype)))
     return plan
+
+
+def _rows_shape(shape: tuple[int, ...], rows: Optional[tuple[int, int]]) -> tuple[int, ...]:
+    return shape if rows is None else (rows[1] - rows[0],) + tuple(shape[1:])
+
+
+def _take_rows(tensor, rows: Optional[tuple[int, int]]):
+    return tensor if rows is None else tensor[rows[0]:rows[1]].contiguous()
 
 
 def _noise_and_scale(tensor, spec: Expert, role: str, seed: int, salt: int):
@@ -257,6 +281,9 @@ def _write_with_progress(plan: list[PlannedTensor], folder: Path, options: Build
 def _write_config(layout: MoeLayout, config: dict, folder: Path) -> None:
     import transformers
 
+    if layout.config_class is None:
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return
     getattr(transformers, layout.config_class)(**config).save_pretrained(folder)
 
 
