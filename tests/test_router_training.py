@@ -72,10 +72,14 @@ def test_ridge_routes_two_synthetic_domains():
     assert gates.shape == (2, 2, 16)
     quality = routing_quality(gates, *two_domains(100, noise_seed=2), ["a", "b"])
     assert min(quality.accuracy.values()) > 0.97  # the rarer domain is not swallowed by the frequent one
-    # The logit gap between a token's own expert and the other is about `margin` on average.
-    logits = torch.einsum("lnh,leh->lne", features, gates)
+    # With little penalty, the logit gap between a token's own expert and the other is about `margin` on average;
+    # the default penalty shrinks it.
+    light = ridge_routers(features, labels, 2, RouterTraining(alpha=1e-4))
+    logits = torch.einsum("lnh,leh->lne", features, light)
     gap = (logits[..., 1] - logits[..., 0]) * (2 * labels - 1)
     assert float(gap.mean()) == pytest.approx(options.margin, rel=0.1)
+    shrunk = torch.einsum("lnh,leh->lne", features, gates)
+    assert 0 < float(((shrunk[..., 1] - shrunk[..., 0]) * (2 * labels - 1)).mean()) < float(gap.mean())
     doubled = ridge_routers(features, labels, 2, RouterTraining(margin=2 * options.margin))
     torch.testing.assert_close(doubled, 2 * gates)
     torch.testing.assert_close(ridge_routers(features, labels, 2, options), gates, atol=0, rtol=0)
