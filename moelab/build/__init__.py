@@ -14,7 +14,8 @@ from moelab.build.layouts import (DENSE_FAMILIES, MATCHING_KEYS, MoeLayout, choo
                                   expert_tensor_names, input_family, is_dense_mlp, llama_cpp_warnings, moe_config_dict,
                                   split_tensor)
 from moelab.build.sources import resolve_model
-from moelab.build.tensors import SAFETENSORS_DTYPES, PlannedTensor, SafetensorsFolder, write_sharded
+from moelab.build.tensors import (SAFETENSORS_DTYPES, PlannedTensor, SafetensorsFolder, SourceTensor, bound_malloc,
+                                  write_sharded)
 from moelab.errors import MoelabError
 from moelab.files import temp_dir_beside
 from moelab.recipe import PROMPTED_GATE_MODES, Expert, Recipe, recipe_hash
@@ -79,45 +80,44 @@ def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions
                            recipe.architecture)
     out_dtype = recipe.torch_dtype_name() or _config_dtype(base.config)
 
-    from moelab.build.gates import compute_gates, similar_expert_pairs
+    from moelab.build.gates import RouterRows, similar_expert_pairs
 
     shared_weights = _shared_weights(recipe, base, experts + shared)
     shared_weights.check_shapes()
-    shared_deltas = shared_weights.relative_deltas()
     warnings = [f"recipe key '{key}' is not used by moelab (mergekit-moe ignores it too); it is ignored"
                 for key in recipe.ignored_keys()]
     warnings += family_warnings + llama_cpp_warnings(layout, len(experts), bool(shared))
-    warnings += [
-        f"expert {name} changed the shared (non-MLP) weights by {delta:.1%} of their norm, and shared_weights: "
-        "base drops that; use shared_weights: task_arithmetic to keep it"
-        for name, delta in shared_deltas.items()
-        if recipe.shared_weights == "base" and delta > DROPPED_DELTA_WARNING]
     if shared_weights.merged and (options.load_in_4bit or options.load_in_8bit):
         raise MoelabError(f"shared_weights: {recipe.shared_weights} cannot run the hidden-state pass in 4/8-bit "
                           "yet; drop --load-in-4bit/--load-in-8bit")
 
     gated_experts: list[Expert] = list(recipe.experts) + (list(recipe.shared_experts) if shared else [])
     num_layers, hidden = base.config["num_hidden_layers"], base.config["hidden_size"]
-    gates, router_report = compute_gates(recipe, gated_experts, base.folder, shared_weights, num_layers, hidden, seed,
-                                         options.device, options.load_in_4bit, options.load_in_8bit, recipe_dir,
-                                         options.show_progress)
-    if shared and not recipe.shared_experts[0].positive_prompts:
-        gates[:, len(experts):] = 0  # documented in gates.py: an unprompted shared expert always gets sigmoid(0)
-    if recipe.gate_mode in PROMPTED_GATE_MODES:
-        for a, b, cos in similar_expert_pairs(gates[:, :len(experts)], recipe.expert_names()):
-            warnings.append(f"experts {a} and {b} get nearly the same router rows (median cosine {cos:.3f}); "
-                            "give them more distinct prompts, or routing between them is arbitrary")
+    bound_malloc()
+    routers = RouterRows(recipe, gated_experts, base, shared_weights, num_layers, hidden, seed, options.device,
+                         options.load_in_4bit, options.load_in_8bit, recipe_dir, options.show_progress,
+                         zero_shared_gate=bool(shared) and not recipe.shared_experts[0].positive_prompts)
 
-    plan = plan_tensors(layout, base, shared_weights, experts, shared, recipe, gates, out_dtype, seed)
+    plan = plan_tensors(layout, base, shared_weights, experts, shared, recipe, routers, out_dtype, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(out)
     try:
         shard_names = _write_with_progress(plan, tmp, options)
+        shared_deltas = shared_weights.relative_deltas()
+        warnings += [
+            f"expert {name} changed the shared (non-MLP) weights by {delta:.1%} of their norm, and shared_weights: "
+            "base drops that; use shared_weights: task_arithmetic to keep it"
+            for name, delta in shared_deltas.items()
+            if recipe.shared_weights == "base" and delta > DROPPED_DELTA_WARNING]
+        if recipe.gate_mode in PROMPTED_GATE_MODES:
+            for a, b, cos in similar_expert_pairs(routers.gates[:, :len(experts)], recipe.expert_names()):
+                warnings.append(f"experts {a} and {b} get nearly the same router rows (median cosine {cos:.3f}); "
+                                "give them more distinct prompts, or routing between them is arbitrary")
         config = moe_config_dict(layout, base.config, len(experts), recipe.experts_per_token, bool(shared), out_dtype)
         _write_config(layout, config, tmp)
         _copy_tokenizer(base.folder, tmp)
         heal = _heal(tmp, layout, recipe, base, experts, seed, options, recipe_dir) if recipe.heal else None
-        routing = router_report.to_json() if router_report else None
+        routing = routers.report.to_json() if routers.report else None
         _write_metadata(tmp, recipe, recipe_text, layout, routing, heal and heal.to_json())
         from moelab.card import model_card
 
@@ -129,7 +129,7 @@ def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions
         raise
     return BuildResult(out=out, architecture=layout.arch_id, num_experts=len(experts), num_shards=len(shard_names),
                        total_bytes=sum(t.nbytes for t in plan), warnings=warnings, shared_deltas=shared_deltas,
-                       routing=router_report, heal=heal)
+                       routing=routers.report, heal=heal)
 
 
 def _heal(folder: Path, layout: MoeLayout, recipe: Recipe, base: ResolvedModel, experts: list[ResolvedModel],
@@ -189,8 +189,9 @@ def _config_dtype(config: dict) -> str:
 
 
 def plan_tensors(layout: MoeLayout, base: ResolvedModel, shared_weights: SharedWeights, experts: list[ResolvedModel],
-                 shared: list[ResolvedModel], recipe: Recipe, gates, out_dtype: str, seed: int) -> list[PlannedTensor]:
-    """Every output tensor in write order: the shared (non-MLP) tensors, then per layer the experts and router."""
+                 shared: list[ResolvedModel], recipe: Recipe, routers, out_dtype: str, seed: int) -> list[PlannedTensor]:
+    """Every output tensor in write order: the shared tensors outside the layers, then layer by layer its shared
+    tensors, experts and router, so that a single streaming pass over the sources both writes and routes."""
     import torch
 
     dtype = getattr(torch, out_dtype)
@@ -201,31 +202,43 @@ def plan_tensors(layout: MoeLayout, base: ResolvedModel, shared_weights: SharedW
     plan: list[PlannedTensor] = []
 
     def from_source(source: SafetensorsFolder, name_rows: tuple[str, Optional[tuple[int, int]]], out_name: str,
-                    spec: Optional[Expert] = None, role: str = "", salt: int = 0):
+                    spec: Expert, role: str, salt: int):
         name, rows = name_rows
-        shape = _rows_shape(source.info(name)[0], rows)
 
-        def produce():
-            tensor = _take_rows(source.get(name), rows)
-            if spec is not None:
-                tensor = _noise_and_scale(tensor, spec, role, seed, salt)
-            return tensor.to(dtype)
-        plan.append(PlannedTensor(out_name, shape, code, produce))
+        def produce(tensor):
+            return _noise_and_scale(_take_rows(tensor, rows), spec, role, seed, salt).to(dtype)
+        plan.append(PlannedTensor(out_name, _rows_shape(source.info(name)[0], rows), code, produce,
+                                  [SourceTensor(source, name)]))
 
-    # A fused tensor (Phi-3's qkv_proj) becomes several outputs in a row: read (and merge) it once for them all.
-    read_shared = functools.lru_cache(maxsize=1)(shared_weights.get)
-    for name in shared_weights.names:
+    last_merged: dict[str, object] = {}  # a fused tensor (Phi-3's qkv_proj) is merged once for all its parts
+
+    def merged_shared(name: str):
+        def produce(rows, *tensors):
+            if name not in last_merged:
+                last_merged.clear()
+                last_merged[name] = shared_weights.merge(name, *tensors)
+                routers.offer(name, last_merged[name])
+            return _take_rows(last_merged[name], rows).to(dtype)
         shape = base.tensors.info(name)[0]
         for out_name, rows in split_tensor(family, base.config, name):
-            plan.append(PlannedTensor(out_name, _rows_shape(shape, rows), code,
-                                      lambda name=name, rows=rows: _take_rows(read_shared(name), rows).to(dtype)))
+            plan.append(PlannedTensor(out_name, _rows_shape(shape, rows), code, functools.partial(produce, rows),
+                                      shared_weights.reads(name)))
+
+    by_layer: dict[Optional[int], list[str]] = {}
+    for name in shared_weights.names:
+        by_layer.setdefault(_layer_of(name), []).append(name)
+    for name in by_layer.pop(None, []):
+        merged_shared(name)
     for layer in range(num_layers):
+        for name in by_layer.get(layer, []):
+            merged_shared(name)
         dense = dense_mlp_sources(family, base.config, layer)
         for e, (model, spec) in enumerate(zip(experts, recipe.experts)):
             for role, out_name in expert_tensor_names(layout, layer, e).items():
                 from_source(model.tensors, dense[role], out_name, spec, role, salt=layer * 1000 + e)
         plan.append(PlannedTensor(layout.router.format(layer=layer), (num_experts, hidden), code,
-                                  lambda layer=layer: gates[layer, :num_experts].contiguous().to(dtype)))
+                                  lambda *mlp, layer=layer: routers.rows(layer, *mlp)[:num_experts].contiguous()
+                                  .to(dtype), routers.layer_reads(layer)))
         if layout.shared_expert is None or not (shared or layout.empty_shared_slot):
             continue
         shared_names = {role: n.format(layer=layer) for role, n in layout.shared_expert.items()}
@@ -236,7 +249,8 @@ def plan_tensors(layout: MoeLayout, base: ResolvedModel, shared_weights: SharedW
                             salt=layer * 1000 + 999)
             if gate_name:
                 plan.append(PlannedTensor(gate_name, (1, hidden), code,
-                                          lambda layer=layer: gates[layer, num_experts:].contiguous().to(dtype)))
+                                          lambda layer=layer: routers.gates[layer, num_experts:].contiguous()
+                                          .to(dtype)))
         else:
             # Qwen2-MoE always has a shared-expert slot: an empty one (size 0) adds nothing.
             for role, out_name in shared_names.items():
@@ -244,6 +258,11 @@ def plan_tensors(layout: MoeLayout, base: ResolvedModel, shared_weights: SharedW
                 plan.append(PlannedTensor(out_name, shape, code, lambda shape=shape: torch.zeros(shape, dtype=dtype)))
             plan.append(PlannedTensor(gate_name, (1, hidden), code, lambda: torch.zeros(1, hidden, dtype=dtype)))
     return plan
+
+
+def _layer_of(name: str) -> Optional[int]:
+    parts = name.split(".")
+    return int(parts[2]) if name.startswith("model.layers.") and parts[2].isdigit() else None
 
 
 def _rows_shape(shape: tuple[int, ...], rows: Optional[tuple[int, int]]) -> tuple[int, ...]:
@@ -268,10 +287,11 @@ def _noise_and_scale(tensor, spec: Expert, role: str, seed: int, salt: int):
 
 
 def _write_with_progress(plan: list[PlannedTensor], folder: Path, options: BuildOptions) -> list[str]:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
 
     total = sum(t.nbytes for t in plan)
-    with Progress(TextColumn("writing shards"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+    with Progress(TextColumn("building"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
                   disable=not options.show_progress, transient=True) as progress:
         task = progress.add_task("write", total=total)
         return write_sharded(plan, folder, options.shard_bytes,

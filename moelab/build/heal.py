@@ -52,6 +52,7 @@ from moelab.build.layouts import MoeLayout
 from moelab.errors import MoelabError
 from moelab.recipe import Heal, Recipe
 
+HEALED_LAYOUTS = ("mixtral", "qwen2_moe", "qwen3_moe")  # transformers' own classes, whose module names heal reads
 GENERAL = "general"
 DEFAULT_GENERAL_DATA = "pkg:moelab/data/router/chat.jsonl"
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -143,6 +144,9 @@ def heal_checkpoint(folder: Path, layout: MoeLayout, recipe: Recipe, base_dir: P
     from moelab.eval.remote import exit_on_sigterm
 
     heal = recipe.heal
+    if layout.arch_id not in HEALED_LAYOUTS:
+        raise MoelabError(f"heal does not support the {layout.arch_id} output yet; use architecture "
+                          f"{' or '.join(HEALED_LAYOUTS)}, or remove heal")
     device = resolve_device(settings.device)
     if heal.load_in_4bit and not device.startswith("cuda"):
         raise MoelabError("heal.load_in_4bit needs a CUDA GPU (bitsandbytes); set it to false on CPU")
