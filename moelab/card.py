@@ -34,7 +34,7 @@ def model_card(recipe: Recipe, recipe_text: str, architecture: str, notes: list[
     `shared_deltas`: per expert, how far its shared (non-MLP) weights are from the base's (relative norm).
     `report`: adds an evaluation table and `model-index` results. `repo_id`: the Hub id the usage code loads.
     `licenses`: the license of each source model (None: unknown); looked up locally when not given.
-    `routing`: held-out routing quality of gate_mode trained (RouterReport.to_json(), kept in moelab.json).
+    `routing`: held-out routing quality of gate_mode trained or ridge (RouterReport.to_json(), kept in moelab.json).
     `heal`: what the heal step did (HealReport.to_json(), kept in moelab.json).
     `retention`: per expert domain, base / expert / MoE scores and the share of the expert's gain the MoE keeps
     (moelab.compare.retention_rows, as `moelab compare` writes it to retention.json).
@@ -108,16 +108,19 @@ def _retention_markdown(rows: list[dict]) -> str:
 
 
 def _routing_markdown(routing: dict) -> str:
-    """Held-out top-1 routing accuracy per expert and load balance, hidden (prompt) gates vs trained gates."""
-    hidden, trained = routing["hidden"], routing["trained"]
-    rows = "".join(f"| {name} | {hidden['accuracy'][name]:.3f} | {trained['accuracy'][name]:.3f} |\n"
-                   for name in trained["accuracy"])
+    """Held-out top-1 routing accuracy per expert and load balance, hidden (prompt) gates vs fitted gates."""
+    from moelab.build.router_training import fitted_mode
+
+    mode = fitted_mode(routing)
+    hidden, fitted = routing["hidden"], routing[mode]
+    rows = "".join(f"| {name} | {hidden['accuracy'][name]:.3f} | {fitted['accuracy'][name]:.3f} |\n"
+                   for name in fitted["accuracy"])
     return ("## Routing (held-out tokens of each expert's domain)\n"
             f"Share of {routing['heldout_tokens']} held-out token-layer choices routed to their domain's expert, "
-            "for router rows from prompts (`hidden`) and fitted ones (`trained`).\n\n"
-            f"| expert | hidden | trained |\n|---|---|---|\n{rows}"
-            f"| **overall** | {hidden['overall']:.3f} | {trained['overall']:.3f} |\n"
-            f"| load imbalance (CV of usage, 0 = even) | {hidden['balance_cv']:.3f} | {trained['balance_cv']:.3f} |\n\n")
+            f"for router rows from prompts (`hidden`) and fitted ones (`{mode}`).\n\n"
+            f"| expert | hidden | {mode} |\n|---|---|---|\n{rows}"
+            f"| **overall** | {hidden['overall']:.3f} | {fitted['overall']:.3f} |\n"
+            f"| load imbalance (CV of usage, 0 = even) | {hidden['balance_cv']:.3f} | {fitted['balance_cv']:.3f} |\n\n")
 
 
 def heal_markdown(heal: dict) -> str:

@@ -67,16 +67,17 @@ def build(
 
 
 def routing_table(report):
-    """Held-out routing of gate_mode trained: per-expert accuracy and balance, hidden vs trained gates."""
+    """Held-out routing of gate_mode trained or ridge: per-expert accuracy and balance, hidden vs fitted gates."""
     from rich.table import Table
 
-    table = Table(title=f"routing of {report.heldout_tokens} held-out token-layer choices (top-1)")
-    for column in ("expert", "hidden", "trained"):
+    table = Table(title=f"routing of {report.heldout_tokens} held-out token-layer choices (top-1)",
+                  caption=f"{report.mode} fit: {report.fit_s:.2f} s", caption_justify="left")
+    for column in ("expert", "hidden", report.mode):
         table.add_column(column, justify="left" if column == "expert" else "right")
-    for name, accuracy in report.trained.accuracy.items():
+    for name, accuracy in report.fitted.accuracy.items():
         table.add_row(name, f"{report.hidden.accuracy[name]:.3f}", f"{accuracy:.3f}")
-    table.add_row("overall", f"{report.hidden.overall:.3f}", f"{report.trained.overall:.3f}", style="bold")
-    table.add_row("imbalance (CV)", f"{report.hidden.balance_cv:.3f}", f"{report.trained.balance_cv:.3f}")
+    table.add_row("overall", f"{report.hidden.overall:.3f}", f"{report.fitted.overall:.3f}", style="bold")
+    table.add_row("imbalance (CV)", f"{report.hidden.balance_cv:.3f}", f"{report.fitted.balance_cv:.3f}")
     return table
 
 
@@ -359,6 +360,9 @@ def run(
                                                     "for the upload, RUNPOD_API_KEY and GITHUB_TOKEN)."),
     publish: Optional[str] = typer.Option(None, help="Upload the MoE to this Hub repo (user/name) at the end "
                                                      "(HF_TOKEN)."),
+    mergekit_baseline: bool = typer.Option(False, help="Also build the experts mergekit-moe's way (shared base "
+                                                       "weights, hidden gates) and compare both retentions (needs "
+                                                       "domains in --eval-tasks)."),
 ):
     """The whole loop: build, routing probe, eval of the MoE and its experts, compare, reports; skips what is done.
 
@@ -370,7 +374,7 @@ def run(
 
     name = run_name(load_recipe(recipe)[0], recipe)
     run_loop(RunConfig(recipe, out or Path("reports") / name, eval_tasks.split(","), limit, data_dir, probe, device,
-                       remote, publish))
+                       remote, publish, mergekit_baseline))
 
 
 @app.command()
@@ -382,7 +386,9 @@ def demo(
 ):
     """The whole loop offline: a 3-expert MoE (chat, math, code) from SmolLM2-135M-Instruct vs its experts.
 
-    Evaluated on a BIG-bench subset shipped with moelab, in minutes on a CPU; writes reports/demo/."""
+    moelab's build (merged shared weights, fitted routers) next to mergekit-moe's way (shared base, hidden gates):
+    how much of each expert's domain skill each keeps, then a BIG-bench subset shipped with moelab. In minutes on a
+    CPU; writes reports/demo/."""
     from moelab.run import demo_config
 
     check_number("--limit", limit, 1)
@@ -402,7 +408,8 @@ def run_loop(config) -> None:
     stages = plan_stages(config)
     estimate = estimate_run(config)
     if estimate is not None:
-        console.print(f"{estimate.models} models x {estimate.requests_per_model} scored choices each: about "
+        domains = f" and {estimate.domain_items} domain items" if estimate.domain_items else ""
+        console.print(f"{estimate.models} models x {estimate.requests_per_model} scored choices{domains} each: about "
                       f"{estimate.seconds / 60:.0f} min on 2 idle CPU cores from scratch (more when they are busy)",
                       highlight=False)
         if estimate.over_budget:
@@ -415,9 +422,10 @@ def run_loop(config) -> None:
                               f"  [green]done[/green] in {o.seconds:.0f} s" if o.status == "ran"
                               else "  [dim]up to date[/dim]"))
     out = StdoutConsole()
-    compare_md = Path(config.out) / "compare" / "compare.md"
-    if compare_md.is_file():
-        out.print(Markdown(compare_md.read_text()))
+    headlines = [Path(config.out) / "retention.md"] if config.mergekit_baseline else []
+    for headline in headlines + [Path(config.out) / "compare" / "compare.md"]:
+        if headline.is_file():
+            out.print(Markdown(headline.read_text()))
     table = Table(title=f"artifacts, in {config.out}", title_justify="left")
     for column in ("stage", "status", "files"):
         table.add_column(column)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from moelab.errors import MoelabError
 from moelab.eval.domain import GROUP_PREFIX, lower_is_better
-from moelab.eval.report import EvalReport, write_text_atomic
+from moelab.eval.report import EvalReport, TaskResult, write_text_atomic
 from moelab.files import read_user_text
 from moelab.eval.suite import GROUPS, tasks_of_group
 from moelab.leaderboard import eval_reports_under, markdown_table, rich_table, save_figure_atomic
@@ -238,6 +238,29 @@ def retention(base: float, expert: float, moe: float, lower_better: bool = False
     return kept / gain if gain > 0 else None
 
 
+def score_stderr(result: TaskResult) -> float | None:
+    """A score's standard error. Exact match: binomial with the Agresti-Coull adjustment, sqrt(p(1-p)/(n+4)) for
+    p = (hits+2)/(n+4), which does not claim certainty at 0 or n hits; otherwise the eval's own stderr."""
+    if result.metric != "exact_match":
+        return result.stderr
+    adjusted = (result.value * result.n + 2) / (result.n + 4)
+    return math.sqrt(adjusted * (1 - adjusted) / (result.n + 4))
+
+
+def retention_stderr(base: tuple[float, float | None], expert: tuple[float, float | None],
+                     moe: tuple[float, float | None], lower_better: bool = False) -> float | None:
+    """Standard error of retention() from each (score, stderr), by the delta method with the three scores taken as
+    independent. They are scored on the same items, which correlates them, so this errs on the large side.
+
+    With g = expert - base and R the retention: Var(R) = (Var(moe) + R^2 Var(expert) + (1-R)^2 Var(base)) / g^2.
+    """
+    kept = retention(base[0], expert[0], moe[0], lower_better)
+    if kept is None or None in (base[1], expert[1], moe[1]):
+        return None
+    gain = abs(expert[0] - base[0])
+    return math.sqrt(moe[1] ** 2 + kept ** 2 * expert[1] ** 2 + (1 - kept) ** 2 * base[1] ** 2) / gain
+
+
 def retention_rows(base: EvalReport, experts: dict[str, EvalReport], moe: EvalReport) -> list[dict]:
     """One row per domain task of the MoE's report: base, the domain's expert, MoE and retention.
 
@@ -248,17 +271,27 @@ def retention_rows(base: EvalReport, experts: dict[str, EvalReport], moe: EvalRe
         if not result.group.startswith(GROUP_PREFIX):
             continue
         lower = lower_is_better(result.metric)
-        scores = {name: r.value for name, report in experts.items() for r in report.results if r.task == result.task}
-        base_value = next((r.value for r in base.results if r.task == result.task), None)
-        if not scores or base_value is None:
+        found = {name: r for name, report in experts.items() for r in report.results if r.task == result.task}
+        base_result = next((r for r in base.results if r.task == result.task), None)
+        if not found or base_result is None:
             continue
         domain = result.group[len(GROUP_PREFIX):]
+        scores = {name: r.value for name, r in found.items()}
         expert = domain if domain in scores else (min if lower else max)(scores, key=scores.get)
-        kept = retention(base_value, scores[expert], result.value, lower)
-        rows.append({"domain": domain, "metric": result.metric, "base": base_value, "expert": expert,
+        scored = [(r.value, score_stderr(r)) for r in (base_result, found[expert], result)]
+        kept = retention(*(value for value, _ in scored), lower)
+        rows.append({"domain": domain, "metric": result.metric, "base": base_result.value, "expert": expert,
                      "expert_value": scores[expert], "moe": result.value, "retention": kept,
+                     "retention_se": retention_stderr(*scored, lower),
                      "flagged": kept is not None and kept < RETENTION_FLAG})
     return rows
+
+
+def retention_text(kept: float | None, stderr: float | None) -> str:
+    """'60% ± 13%' (the standard error), '60%' without one, '' without a retention."""
+    if kept is None:
+        return ""
+    return f"{kept:.0%}" + ("" if stderr is None else f" ± {stderr:.0%}")
 
 
 def retention_section(rows: list[dict]) -> tuple[str, list[str], list[list[str]]]:
@@ -270,7 +303,8 @@ def retention_section(rows: list[dict]) -> tuple[str, list[str], list[list[str]]
              value(r["base"], r["metric"]), f"{value(r['expert_value'], r['metric'])} ({r['expert']})",
              value(r["moe"], r["metric"]),
              "n/a (expert gains nothing)" if r["retention"] is None
-             else f"{r['retention']:.0%}" + (f" ⚠ under {RETENTION_FLAG:.0%}" if r["flagged"] else "")]
+             else retention_text(r["retention"], r.get("retention_se"))
+             + (f" ⚠ under {RETENTION_FLAG:.0%}" if r["flagged"] else "")]
             for r in rows]
     return ("Retention of each expert's domain skill",
             ["Domain", "Metric", "Base", "Expert", "MoE", "Retention"], body)

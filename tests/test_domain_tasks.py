@@ -36,18 +36,23 @@ def greedy_outputs(model_dir: Path, questions: list[str], max_new_tokens: int) -
     return outputs
 
 
-def plain_mean_nll(model_dir: Path, texts: list[str], tokens: int) -> float:
-    """Token-weighted mean NLL of tokens 2..N of each text (the first token is the context)."""
+def plain_nlls(model_dir: Path, texts: list[str], tokens: int) -> list[tuple[float, int]]:
+    """(summed NLL, tokens scored) of tokens 2..N of each text (the first token is the context)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    total, count = 0.0, 0
+    items = []
     for text in texts:
         ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]])
         with torch.no_grad():
             loss = model(ids, labels=ids).loss.item()
-        total += loss * (ids.shape[1] - 1)
-        count += ids.shape[1] - 1
-    return total / count
+        items.append((loss * (ids.shape[1] - 1), ids.shape[1] - 1))
+    return items
+
+
+def plain_mean_nll(model_dir: Path, texts: list[str], tokens: int) -> float:
+    """Token-weighted mean NLL of tokens 2..N of each text."""
+    items = plain_nlls(model_dir, texts, tokens)
+    return sum(total for total, _ in items) / sum(count for _, count in items)
 
 
 def test_exact_match_and_nll_match_plain_transformers(tiny_dense, tmp_path):
@@ -74,6 +79,13 @@ def test_exact_match_and_nll_match_plain_transformers(tiny_dense, tmp_path):
     assert results["domain_qa"].value == pytest.approx(expected_exact)
     assert results["domain_code"].metric == "nll" and results["domain_code"].n == len(TEXTS)
     assert results["domain_code"].value == pytest.approx(plain_mean_nll(model, TEXTS, 10), rel=1e-4)
+    # Its standard error: the ratio estimator's, sqrt(sum_i (nll_i - mean * tokens_i)^2 / (n (n-1))) / mean tokens.
+    items = plain_nlls(model, TEXTS, 10)
+    mean = sum(t for t, _ in items) / sum(c for _, c in items)
+    spread = sum((t - mean * c) ** 2 for t, c in items) / (len(items) * (len(items) - 1))
+    assert results["domain_code"].stderr == pytest.approx(spread ** 0.5 / (sum(c for _, c in items) / len(items)),
+                                                          rel=1e-3)
+    assert results["domain_qa"].stderr > 0
     assert EvalReport.load(tmp_path / "report.json").results == report.results
 
 
@@ -108,6 +120,9 @@ def test_limit_and_recipe_domains(tiny_dense, tmp_path):
     report = run_eval(str(model), EvalSettings(tasks=["domains"], device="cpu"), None, tmp_path / "r.json")
     assert [(r.task, r.n) for r in report.results] == [("domain_code", 2)]
     assert report.results[0].value == pytest.approx(plain_mean_nll(model, TEXTS[:2], 10), rel=1e-4)
+    # The domain's own limit wins over --limit (a quick run of Nous tasks keeps the domain's items).
+    limited = run_eval(str(model), EvalSettings(tasks=["domains"], device="cpu", limit=1), None, tmp_path / "l.json")
+    assert [(r.task, r.n) for r in limited.results] == [("domain_code", 2)]
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -10,7 +10,7 @@ import yaml
 
 from moelab.card import model_card
 from moelab.compare import (ScoredModel, compare_inputs, compare_reports, comparison_markdown, retention,
-                            write_comparison)
+                            retention_stderr, score_stderr, write_comparison)
 from moelab.eval.report import EvalReport, EvalSettings, TaskResult
 from moelab.publish import plan_model_upload
 from moelab.recipe import parse_recipe
@@ -45,6 +45,24 @@ def test_retention_arithmetic():
     assert retention(0.5, 0.5, 0.7) is None and retention(0.5, 0.4, 0.7) is None  # no gain to keep
 
 
+def test_retention_stderr_by_the_delta_method():
+    # Only the MoE uncertain: SE(R) = SE(moe) / gain.
+    assert retention_stderr((0.0, 0.0), (0.5, 0.0), (0.25, 0.05)) == pytest.approx(0.1)
+    # Only the expert: SE(R) = R SE(expert) / gain; only the base: (1 - R) SE(base) / gain; NLL gains downwards.
+    assert retention_stderr((2.0, 0.0), (1.0, 0.1), (1.5, 0.0), lower_better=True) == pytest.approx(0.05)
+    assert retention_stderr((2.0, 0.1), (1.0, 0.0), (1.2, 0.0), lower_better=True) == pytest.approx(0.02)
+    assert retention_stderr((0.5, 0.1), (0.4, 0.1), (0.7, 0.1)) is None  # no gain, no retention
+    assert retention_stderr((0.0, None), (0.5, 0.1), (0.25, 0.05)) is None
+
+
+def test_exact_match_stderr_is_binomial_and_never_zero():
+    at = lambda value, n: score_stderr(TaskResult("domain_math", "domain:math", "exact_match", value, 0.0, n, "1", 0))  # noqa: E731
+    assert at(0.5, 96) == pytest.approx(0.05)  # (48 + 2) / 100 = 0.5: sqrt(0.25 / 100)
+    assert at(0.0, 40) == pytest.approx((2 / 44 * 42 / 44 / 44) ** 0.5) and at(0.0, 40) > 0
+    nll = TaskResult("domain_code", "domain:code", "nll", 1.2, 0.03, 40, "1", 0)
+    assert score_stderr(nll) == 0.03  # other metrics keep the eval's own
+
+
 def test_compare_finds_the_base_and_fills_retention_cell_by_cell(tmp_path):
     paths = []
     for r in (MOE, CHAT, MATH, CODE):
@@ -52,18 +70,22 @@ def test_compare_finds_the_base_and_fills_retention_cell_by_cell(tmp_path):
         r.save(paths[-1])
     comparison = compare_inputs(paths)  # the base is the expert whose source is the recipe's base_model
 
+    # The retention's standard error (delta method): exact match on 40 items has Agresti-Coull variances
+    # p(1-p)/44 at p = 2/44, 26/44, 14/44 for base, expert, MoE: (0.004931 + 0.25 * 0.005494 + 0.25 * 0.000986) / 0.36.
+    # The code NLL reports carry no stderr, so neither does its retention.
     assert comparison.retention == [
         {"domain": "math", "metric": "exact_match", "base": 0.0, "expert": "math", "expert_value": 0.6,
-         "moe": 0.3, "retention": pytest.approx(0.5), "flagged": True},
+         "moe": 0.3, "retention": pytest.approx(0.5), "retention_se": pytest.approx(0.1349, abs=1e-4),
+         "flagged": True},
         {"domain": "code", "metric": "nll", "base": 2.008, "expert": "code", "expert_value": 0.85,
-         "moe": 1.008, "retention": pytest.approx(1.0 / 1.158), "flagged": False}]
+         "moe": 1.008, "retention": pytest.approx(1.0 / 1.158), "retention_se": None, "flagged": False}]
     tasks = comparison.tasks.set_index("Name")
     # NLL is shown as is and lower is better: the best expert is code, and the MoE is above it.
     assert tasks.loc["domain_code", ["moe", "code", "Best expert", "Delta"]].tolist() == [1.01, 0.85, "code", 0.16]
     assert tasks.loc["domain_math", ["moe", "Best expert", "Delta", "Outcome"]].tolist() == [30.0, "math", -30.0,
                                                                                              "loss"]
     markdown = comparison_markdown(comparison)
-    assert "| math   | exact_match (%)" in markdown and "50% ⚠ under 80%" in markdown and "| 86% " in markdown
+    assert "| math   | exact_match (%)" in markdown and "50% ± 13% ⚠ under 80%" in markdown and "| 86% " in markdown
 
     written = write_comparison(comparison, tmp_path / "compare")
     assert json.loads((tmp_path / "compare" / "retention.json").read_text())[0]["retention"] == pytest.approx(0.5)
@@ -90,7 +112,7 @@ def test_retention_in_the_card_and_in_publish(tmp_path):
     MOE.save(reports / "nous.json")
     assert "Retention" not in plan_model_upload(model_dir, "me/moe", report=reports / "nous.json").card
     write_comparison(comparison, reports / "compare")
-    assert "50% ⚠ under 80%" in plan_model_upload(model_dir, "me/moe", report=reports / "nous.json").card
+    assert "50% ± 13% ⚠ under 80%" in plan_model_upload(model_dir, "me/moe", report=reports / "nous.json").card
 
 
 def test_tiny_moe_domains_end_to_end(tmp_path, tiny_dense):

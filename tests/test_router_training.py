@@ -1,4 +1,4 @@
-"""gate_mode trained: router rows fitted to each expert's data, measured on held-out tokens."""
+"""gate_modes trained and ridge: router rows fitted to each expert's data, measured on held-out tokens."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pytest
 import torch
 import yaml
 
-from moelab.build.router_training import read_router_data, routing_quality
+from moelab.build.router_training import read_router_data, ridge_routers, routing_quality
 from moelab.build.tensors import SafetensorsFolder
 from moelab.errors import MoelabError
+from moelab.recipe import RouterTraining
 from test_build import build, logits
 
 DIGITS = ["12 34 56 78 90", "7 plus 8 is 15", "3 times 4 is 12", "99 minus 9 is 90", "42 and 17 and 5"]
@@ -54,6 +55,49 @@ def test_trained_gates_keep_identical_experts_dense(tmp_path, tiny_dense):
     torch.testing.assert_close(logits(out), logits(dense), atol=2e-4, rtol=1e-4)
 
 
+def two_domains(tokens: int, noise_seed: int):
+    """(L=2, N, H=16) features of two domains: a large mean shared by both (as after a norm), plus each domain's
+    own direction and noise; labels 0/1, domain 1 three times as frequent."""
+    geometry = torch.Generator().manual_seed(0)
+    shared, own = 5 * torch.randn(16, generator=geometry), torch.randn(2, 16, generator=geometry)
+    labels = torch.cat([torch.zeros(tokens, dtype=torch.long), torch.ones(3 * tokens, dtype=torch.long)])
+    noise = torch.randn(2, len(labels), 16, generator=torch.Generator().manual_seed(noise_seed))
+    return shared + own[labels] + 0.5 * noise, labels
+
+
+def test_ridge_routes_two_synthetic_domains():
+    features, labels = two_domains(200, noise_seed=1)
+    options = RouterTraining()
+    gates = ridge_routers(features, labels, 2, options)
+    assert gates.shape == (2, 2, 16)
+    quality = routing_quality(gates, *two_domains(100, noise_seed=2), ["a", "b"])
+    assert min(quality.accuracy.values()) > 0.97  # the rarer domain is not swallowed by the frequent one
+    # With little penalty, the logit gap between a token's own expert and the other is about `margin` on average;
+    # the default penalty shrinks it.
+    light = ridge_routers(features, labels, 2, RouterTraining(alpha=1e-4))
+    logits = torch.einsum("lnh,leh->lne", features, light)
+    gap = (logits[..., 1] - logits[..., 0]) * (2 * labels - 1)
+    assert float(gap.mean()) == pytest.approx(options.margin, rel=0.1)
+    shrunk = torch.einsum("lnh,leh->lne", features, gates)
+    assert 0 < float(((shrunk[..., 1] - shrunk[..., 0]) * (2 * labels - 1)).mean()) < float(gap.mean())
+    doubled = ridge_routers(features, labels, 2, RouterTraining(margin=2 * options.margin))
+    torch.testing.assert_close(doubled, 2 * gates)
+    torch.testing.assert_close(ridge_routers(features, labels, 2, options), gates, atol=0, rtol=0)
+
+
+def test_ridge_build_routes_and_reports(tmp_path, tiny_dense):
+    dense = tiny_dense("dense")
+    out = build(tmp_path, **trained_recipe(tmp_path, dense, gate_mode="ridge"))
+    meta = json.loads((out / "moelab.json").read_text())
+    routing = meta["routing"]
+    assert meta["gate_mode"] == "ridge" and routing["mode"] == "ridge" and "trained" not in routing
+    assert routing["ridge"]["overall"] > 0.9 and routing["ridge"]["overall"] >= routing["hidden"]["overall"]
+    assert routing["fit_s"] < 5
+    card = (out / "README.md").read_text()
+    assert "| expert | hidden | ridge |" in card and f"| **overall** | {routing['hidden']['overall']:.3f} | " \
+        f"{routing['ridge']['overall']:.3f} |" in card
+
+
 def test_routing_quality_by_hand():
     features = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]]])  # one layer, three tokens
     gates = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
@@ -72,6 +116,15 @@ def test_router_data_formats_and_errors(tmp_path):
     assert read_router_data(tmp_path / "b.jsonl") == ["q? s.", "t"]
     with pytest.raises(MoelabError, match="line 1 is not JSON"):
         read_router_data(tmp_path / "c.jsonl")
+
+
+def test_too_few_examples_to_hold_out_is_a_clear_error(tmp_path, tiny_dense):
+    fields = trained_recipe(tmp_path, tiny_dense("dense"), gate_mode="ridge")
+    for expert in fields["experts"]:
+        del expert["router_data"]  # one positive prompt each: nothing to hold out
+    with pytest.raises(MoelabError, match="no expert has the 2 or more examples"):
+        build(tmp_path, **fields)
+    assert not (tmp_path / "moe").exists()
 
 
 def test_missing_router_data_is_a_clear_error(tmp_path, tiny_dense):

@@ -54,7 +54,7 @@ class BuildResult:
     total_bytes: int
     warnings: list[str] = field(default_factory=list)
     shared_deltas: dict[str, float] = field(default_factory=dict)  # expert -> relative change of shared weights
-    routing: Optional[object] = None  # RouterReport of gate_mode trained: held-out routing, hidden vs trained
+    routing: Optional[object] = None  # RouterReport of gate_mode trained/ridge: held-out routing, hidden vs fitted
     heal: Optional[object] = None  # HealReport of the recipe's heal step: held-out KL and NLL before/after
 
 

@@ -29,7 +29,7 @@ from moelab.build.layouts import is_dense_mlp
 from moelab.build.layer_pass import EMBEDDING, LayerPass, layer_prefix, prompt_batches
 
 from moelab.errors import MoelabError
-from moelab.recipe import Expert, Recipe
+from moelab.recipe import FITTED_GATE_MODES, Expert, Recipe
 
 EPS = 1e-8
 
@@ -138,8 +138,8 @@ def similar_expert_pairs(gates, names: Sequence[str], threshold: float = 0.995) 
 class RouterRows:
     """Every layer's router rows (E x H: routed experts, then a gated shared expert), as the build streams.
 
-    random and uniform_random rows come from the seed, trained ones from a pass before writing (its fit needs
-    every layer). cheap_embed takes the merged input embedding when the writer offers it. The hidden modes run
+    random and uniform_random rows come from the seed, trained and ridge ones from a pass before writing (the fit
+    needs every layer). cheap_embed takes the merged input embedding when the writer offers it. The hidden modes run
     the LayerPass: the writer offers each layer's merged shared tensors, rows(l) gets the base's dense MLP of
     layer l, and both feed layer l of the pass, which then gives layer l's rows. `gates` (L, E, H) fills as rows
     are asked for.
@@ -185,7 +185,7 @@ class RouterRows:
         self._group_sizes = [len(g) for g in token_groups]
         self._hidden_groups = len(token_groups)
         training = None
-        if self.mode == "trained":
+        if self.mode in FITTED_GATE_MODES:
             from moelab.build.router_training import training_tokens
 
             training = training_tokens(self.tokenizer, recipe.experts, recipe.router_training, seed, recipe_dir)
@@ -208,10 +208,10 @@ class RouterRows:
             first = sum(1 for b in self._pass.batches if b.group < self._hidden_groups)
             per_layer.append(training.features(states[first:]))
         self._pass = None
-        from moelab.build.router_training import trained_gates
+        from moelab.build.router_training import fitted_gates
 
-        fitted, self.report = trained_gates(training, per_layer, recipe.expert_names(), self.gates[:, :self.routed],
-                                            recipe.router_training, show_progress)
+        fitted, self.report = fitted_gates(training, per_layer, recipe.expert_names(), self.gates[:, :self.routed],
+                                           self.mode, recipe.router_training, show_progress)
         self.gates[:, :self.routed] = fitted
         self._known = True
 
@@ -251,8 +251,8 @@ class RouterRows:
 
     def _advance(self, layer: int, weights):
         """Run the pass through `layer` and set its hidden-mode rows; returns the per-batch states."""
-        states = self._pass.run_layer(weights, router_input=self.mode in ("hidden", "trained"))
-        pool_mode = "hidden" if self.mode == "trained" else self.mode
+        states = self._pass.run_layer(weights, router_input=self.mode in ("hidden", *FITTED_GATE_MODES))
+        pool_mode = "hidden" if self.mode in FITTED_GATE_MODES else self.mode
         skip_first = self.tokenizer.bos_token_id is not None
         totals: list = [None] * self._hidden_groups
         for batch, s in zip(self._pass.batches, states):

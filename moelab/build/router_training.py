@@ -1,20 +1,28 @@
-"""gate_mode trained: router rows fitted, layer by layer, to tell apart the experts' domains token by token.
+"""gate_mode trained and ridge: router rows fitted, layer by layer, to tell apart the experts' domains token by token.
 
 For each expert, examples of its domain (its `router_data` file, else its positive prompts) run through the base
 model (with the MoE's shared weights) once; at every layer l the router's input x_l is kept for a seeded sample of
-tokens, labelled with the expert whose domain they came from. Part of the examples is held out. Per layer,
-W_l (E x H) starts from the `hidden` solution and minimises, by full-batch Adam,
+tokens, labelled with the expert whose domain they came from. Part of the examples is held out. Per layer:
 
-    cross_entropy(W_l x, label)  +  balance * E * sum_e mean_x(softmax(W_l x)_e)^2
+- trained: W_l (E x H) starts from the `hidden` solution and minimises, by full-batch Adam,
 
-The second term is 1 when the router's average load is uniform and grows as it concentrates on few experts.
+      cross_entropy(W_l x, label)  +  balance * E * sum_e mean_x(softmax(W_l x)_e)^2
+
+  The second term is 1 when the router's average load is uniform and grows as it concentrates on few experts.
+- ridge: the closed-form least-squares fit of the logits to margin * (onehot(label) - 1/E), every domain weighted
+  the same, with penalty alpha * mean eigenvalue of the (weighted) Gram matrix of x, so that alpha does not depend
+  on the scale of x. Routers have no bias, so x is not centered: its mean, large after the norm, serves as one.
+  Softmax ignores a shift shared by all experts, hence the 1/E: the fit spends nothing on the constant. `margin` is
+  the logit gap aimed for between a token's own expert and the others; it sets the mix of top-k>1 routing weights.
+
 Only router rows change. Routing quality (top-1 accuracy per expert and load balance, the coefficient of variation
 of top-1 usage over tokens and layers) is measured on held-out tokens, as many from each domain, for both `hidden`
-and `trained`.
+and the fitted rows.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -35,13 +43,23 @@ class RoutingQuality:
 
 @dataclass
 class RouterReport:
+    mode: str                    # the gate_mode of the fitted rows: trained or ridge
     hidden: RoutingQuality
-    trained: RoutingQuality
+    fitted: RoutingQuality
     train_tokens: int
     heldout_tokens: int
+    fit_s: float                 # seconds of the fit itself (not the hidden-state pass)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """As kept in moelab.json: the fitted rows' quality under the mode's name ("trained" or "ridge")."""
+        fields = asdict(self)
+        fields[self.mode] = fields.pop("fitted")
+        return fields
+
+
+def fitted_mode(routing: dict) -> str:
+    """The key of the fitted rows' quality in a RouterReport's JSON (moelab.json files older than ridge: trained)."""
+    return routing.get("mode", "trained")
 
 
 def read_router_data(path: Path) -> list[str]:
@@ -79,7 +97,7 @@ class TrainingTokens:
     """The tokens of every expert's fitting and held-out examples, and which of them are sampled as features.
 
     groups[2e] and groups[2e + 1] are expert e's fitting and held-out token lists; picks[g][b] lists the
-    (row, positions) sampled in batch b of group g. The seeded generator continues in trained_gates.
+    (row, positions) sampled in batch b of group g. The seeded generator continues in fitted_gates.
     """
     groups: list[list[list[int]]]
     picks: list[list[list[tuple[int, object]]]]
@@ -163,9 +181,26 @@ def fit_routers(features, labels, init, options: RouterTraining):
     return weight.detach()
 
 
-def trained_gates(training: TrainingTokens, per_layer: list, names: Sequence[str], hidden_gates,
-                  options: RouterTraining, show_progress: bool = True):
-    """(gates (L, E, H), RouterReport) for the routed experts; `hidden_gates` is the starting point.
+def ridge_routers(features, labels, num_experts: int, options: RouterTraining):
+    """W (L, E, H): per layer, the weighted ridge fit of W x to margin * (onehot(label) - 1/E) (module docstring)."""
+    import torch
+
+    counts = torch.bincount(labels, minlength=num_experts).float()
+    sample_weight = (counts.sum() / (num_experts * counts.clamp(min=1)))[labels]  # every domain counts the same
+    targets = options.margin * (torch.nn.functional.one_hot(labels, num_experts).float() - 1 / num_experts)
+    weighted = features * sample_weight.sqrt()[None, :, None]
+    gram = (weighted.transpose(1, 2) @ weighted).double()  # (L, H, H); float32 sums, a float64 solve
+    hidden = gram.shape[-1]
+    penalty = options.alpha * gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1) / hidden  # alpha x mean eigenvalue
+    gram = gram + penalty[:, None, None] * torch.eye(hidden, dtype=gram.dtype)
+    moments = (weighted.transpose(1, 2) @ (targets * sample_weight.sqrt()[:, None])).double()
+    return torch.linalg.solve(gram, moments).transpose(1, 2).float()
+
+
+def fitted_gates(training: TrainingTokens, per_layer: list, names: Sequence[str], hidden_gates, mode: str,
+                 options: RouterTraining, show_progress: bool = True):
+    """(gates (L, E, H), RouterReport) for the routed experts, by gate_mode `mode` (trained or ridge);
+    `hidden_gates` is trained's starting point and the baseline of the report.
 
     `per_layer[l]`: TrainingTokens.features of layer l's router inputs.
     """
@@ -176,18 +211,25 @@ def trained_gates(training: TrainingTokens, per_layer: list, names: Sequence[str
     by_group = [torch.stack([layer[g] for layer in per_layer]) if per_layer[0][g] is not None else None
                 for g in range(len(training.groups))]
     train, heldout = by_group[0::2], by_group[1::2]
+    if all(f is None for f in heldout):
+        raise MoelabError(f"gate_mode {mode}: no expert has the 2 or more examples needed to hold some out and "
+                          "measure routing; give the experts router_data files (or more positive_prompts)")
     labels = torch.cat([torch.full((f.shape[1],), e) for e, f in enumerate(train)])
     features = torch.cat(train, dim=1)
+    started = time.perf_counter()
     with Progress(transient=True, disable=not show_progress) as progress:
-        progress.add_task(f"fitting {features.shape[0]} layers of router rows", total=None)
-        gates = fit_routers(features, labels, hidden_gates, options)
+        progress.add_task(f"fitting {features.shape[0]} layers of router rows ({mode})", total=None)
+        gates = (ridge_routers(features, labels, len(train), options) if mode == "ridge"
+                 else fit_routers(features, labels, hidden_gates, options))
+    fit_s = time.perf_counter() - started
     held = [(e, f) for e, f in enumerate(heldout) if f is not None]
     # The same number of held-out tokens per domain, so that perfect routing has even usage (CV 0).
     per_domain = min(f.shape[1] for _, f in held)
     held = [(e, f[:, torch.randperm(f.shape[1], generator=generator)[:per_domain]]) for e, f in held]
     held_features = torch.cat([f for _, f in held], dim=1)
     held_labels = torch.cat([torch.full((f.shape[1],), e) for e, f in held])
-    report = RouterReport(hidden=routing_quality(hidden_gates, held_features, held_labels, names),
-                          trained=routing_quality(gates, held_features, held_labels, names),
-                          train_tokens=int(labels.numel()), heldout_tokens=int(held_labels.numel()))
+    report = RouterReport(mode=mode, hidden=routing_quality(hidden_gates, held_features, held_labels, names),
+                          fitted=routing_quality(gates, held_features, held_labels, names),
+                          train_tokens=int(labels.numel()), heldout_tokens=int(held_labels.numel()),
+                          fit_s=round(fit_s, 3))
     return gates, report

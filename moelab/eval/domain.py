@@ -5,7 +5,7 @@ a mapping of domain name -> the same fields):
 
     path: pkg:moelab/data/heldout/arith.jsonl   # JSONL; pkg:PACKAGE/FILE, absolute, or relative to the YAML's folder
     kind: exact_match                           # or nll
-    limit: 40                                   # first N items (default: all)
+    limit: 40                                   # first N items (default: all, or --limit); wins over --limit
     # exact_match: greedy generation from the question with the model's chat template applied; the item scores 1
     # when the last match of answer_pattern (its first group, commas dropped) equals the answer field.
     question_field: question
@@ -40,6 +40,8 @@ from moelab.files import json_lines, read_user_text
 DEFAULT_ANSWER_PATTERN = r"answer is\s*\$?(-?[\d,]*\d)"
 GROUP_PREFIX = "domain:"
 TASKS_FROM_RECIPE = "domains"
+# lm-eval computes no standard error for a custom aggregation, so the nll task reports its own as a second metric.
+NLL_STDERR_METRIC = "nll_se"
 
 
 class DomainSpec(BaseModel):
@@ -218,7 +220,9 @@ def domain_task_config(task: DomainTask, tokenizer) -> dict:
             "process_docs": partial(nll_docs, task=task, tokenizer=tokenizer),
             "doc_to_text": "context", "doc_to_target": "continuation",
             "process_results": nll_of_doc,
-            "metric_list": [{"metric": "nll", "aggregation": mean_token_nll, "higher_is_better": False}]}
+            "metric_list": [{"metric": "nll", "aggregation": mean_token_nll, "higher_is_better": False},
+                            {"metric": NLL_STDERR_METRIC, "aggregation": mean_token_nll_stderr,
+                             "higher_is_better": False}]}
 
 
 def _first_items(dataset, task: DomainTask) -> list[dict]:
@@ -299,9 +303,20 @@ def nll_docs(dataset, task: DomainTask, tokenizer):
 
 def nll_of_doc(doc: dict, results: list) -> dict[str, tuple[float, int]]:
     loglikelihood, _ = results[0]
-    return {"nll": (loglikelihood, doc["scored_tokens"])}
+    return {"nll": (loglikelihood, doc["scored_tokens"]), NLL_STDERR_METRIC: (loglikelihood, doc["scored_tokens"])}
 
 
 def mean_token_nll(items: list[tuple[float, int]]) -> float:
     """Mean NLL per token over all scored tokens (longer texts weigh more, as in a language-model loss)."""
     return -sum(ll for ll, _ in items) / sum(n for _, n in items)
+
+
+def mean_token_nll_stderr(items: list[tuple[float, int]]) -> float:
+    """Standard error of mean_token_nll over items, by the delta method for a ratio of sums (items independent)."""
+    count = len(items)
+    if count < 2:
+        return float("nan")
+    ratio = mean_token_nll(items)
+    mean_tokens = sum(n for _, n in items) / count
+    spread = sum((-ll - ratio * n) ** 2 for ll, n in items) / (count - 1)
+    return (spread / count) ** 0.5 / mean_tokens

@@ -14,7 +14,7 @@ from pathlib import Path
 from moelab.errors import MoelabError
 from moelab.eval.report import (EvalReport, EvalSettings, TaskResult, group_scores, overall_average,
                                 write_text_atomic)
-from moelab.eval.domain import DomainTask, domain_task_config, split_selection
+from moelab.eval.domain import NLL_STDERR_METRIC, DomainTask, domain_task_config, split_selection
 from moelab.eval.suite import SuiteTask
 from moelab.recipe import NAME_PATTERN
 
@@ -268,7 +268,8 @@ def task_result(task: SuiteTask, output: dict) -> TaskResult:
     """Our TaskResult from lm-eval's results dict for one task."""
     metrics = output["results"][task.name]
     value = float(metrics[f"{task.lm_eval_metric},none"])
-    stderr = metrics.get(f"{task.lm_eval_metric}_stderr,none")
+    stderr_key = f"{NLL_STDERR_METRIC},none" if task.metric == "nll" else f"{task.lm_eval_metric}_stderr,none"
+    stderr = metrics.get(stderr_key)
     if value != value:  # AutoEval scores a NaN (e.g. TruthfulQA mc2) as 0
         value = 0.0
     return TaskResult(task=task.name, group=task.group, metric=task.metric, value=value,
@@ -310,7 +311,9 @@ def evaluate_task(lm, task: SuiteTask, settings: EvalSettings, data_dir: Path | 
                                     else task_config(task, data_dir)])
         for lm_eval_task in loaded["tasks"].values():
             lm_eval_task.set_fewshot_seed(seed=1234)
-        return task_result(task, evaluate(lm=lm, task_dict=loaded, limit=settings.limit, log_samples=False))
+        # A domain's own limit (eval_data) was applied to its docs already, and takes precedence over --limit.
+        limit = None if isinstance(task, DomainTask) and task.items else settings.limit
+        return task_result(task, evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=False))
     except ConnectionError as err:  # datasets' own wording of "offline": the builtin, not requests'
         if data_dir is not None:
             raise
