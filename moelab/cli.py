@@ -12,6 +12,7 @@ from rich.console import Console
 
 from moelab.errors import MoelabError, check_number
 from moelab.eval.remote import DEFAULT_GPU, DEFAULT_IMAGE, DEFAULT_INSTALL  # light: defaults for --help
+from moelab.recipe import MAX_SEED
 from moelab.redact import clean_secret, mask, secret_from_env
 from moelab.run import DEMO_LIMIT  # light: a default for --help
 from moelab.signals import Interrupted, stop_signals_unwind
@@ -23,7 +24,6 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
-MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 MAX_TOKENS = 10**6
 
 
@@ -461,7 +461,8 @@ def main() -> None:
             from rich.text import Text
 
             # Text, not markup: a message may hold brackets (moelab[eval], a recipe's text).
-            console.print(Text.assemble(("error:", "red"), " ", mask(str(err))), highlight=False, soft_wrap=True)
+            one_line = " ".join(mask(str(err)).splitlines())  # a quoted recipe value may hold a newline
+            console.print(Text.assemble(("error:", "red"), " ", one_line), highlight=False, soft_wrap=True)
             sys.exit(2)
         except Interrupted as stop:
             console.print(f"[red]interrupted[/red] ({stop.signal_name})", highlight=False)
