@@ -50,7 +50,7 @@ def model_card(recipe: Recipe, recipe_text: str, architecture: str, notes: list[
         metadata["base_model_relation"] = "merge"
     metadata.update({"tags": CARD_TAGS + [architecture], "library_name": "transformers",
                      "pipeline_tag": "text-generation"})
-    if report is not None and report.results:
+    if report is not None and report.results and not report.limited:  # the Hub's schema has no "limited" mark
         metadata["model-index"] = model_index(report, title)
 
     rows = "\n".join(
@@ -107,8 +107,10 @@ def _usage(repo_id: str | None) -> str:
         "## Usage\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f"tokenizer = AutoTokenizer.from_pretrained({model})\nmodel = AutoModelForCausalLM.from_pretrained({model})\n"
         "messages = [{\"role\": \"user\", \"content\": \"What is 12 times 7?\"}]\n"
-        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")\n"
-        "print(tokenizer.decode(model.generate(inputs, max_new_tokens=64)[0]))\n```\n"
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",\n"
+        "                                       return_dict=True)\n"
+        "output = model.generate(**inputs, max_new_tokens=64)\n"
+        "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))\n```\n"
     )
 
 

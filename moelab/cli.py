@@ -93,18 +93,20 @@ def chat(
     from rich.console import Console as StdoutConsole
 
     from moelab.chat import ChatSession, GenerationSettings, probe_view, run_chat
-    from moelab.probe import load_labelled_prompts, load_moe, probe_routing
+    from moelab.probe import load_labelled_prompts, load_moe, moe_folder, probe_routing
 
     if probe is not None and (prompt or trace or heatmap):
         raise MoelabError("--probe routes labelled prompts without chatting; drop --prompt, --trace and --heatmap")
     if json_output and probe is None:
         raise MoelabError("--json prints a --probe result; add --probe FILE or drop --json")
-    moe = load_moe(model, device, dtype)
+    folder, expert_names = moe_folder(model)  # checks, before the weights load
+    prompts = load_labelled_prompts(probe, expert_names) if probe is not None else []
+    moe = load_moe(str(folder), device, dtype)
     console.print(f"{model}: {len(moe.expert_names)} experts ({', '.join(moe.expert_names)}) "
                   f"in {len(moe.layers)} MoE layers", highlight=False)
     out = StdoutConsole()
     if probe is not None:
-        result = probe_routing(moe, load_labelled_prompts(probe, moe.expert_names), show_progress=not json_output)
+        result = probe_routing(moe, prompts, show_progress=not json_output)
         if json_output:
             print(json.dumps(result.to_json(), indent=1))
         else:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from moelab.errors import MoelabError
 from moelab.eval.domain import GROUP_PREFIX, lower_is_better
+from moelab.eval.local import model_name_of
 from moelab.eval.report import EvalReport, write_text_atomic
 from moelab.eval.suite import GROUPS, tasks_of_group
 from moelab.leaderboard import eval_reports_under, markdown_table, rich_table, save_figure_atomic
@@ -309,8 +310,13 @@ def _is_derived(model_ref: str) -> bool:
     return model_ref.startswith("pkg:") or "+" in model_ref or model_ref.endswith(".gguf")
 
 
+def source_label(model_ref: str) -> str:
+    """A readable name for a derived source: a GGUF's stem, MODEL+ADAPTER as model+adapter (not a cache hash)."""
+    return "+".join(Path(part.rstrip("/")).name.removesuffix(".gguf") for part in model_ref.split("+"))
+
+
 def _same_model(report: EvalReport, model_ref: str) -> bool:
-    if report.model == model_ref:
+    if model_ref in (report.model, report.model_ref):
         return True
     mine, theirs = Path(report.model), Path(model_ref)
     return mine.exists() and theirs.exists() and mine.resolve() == theirs.resolve()
@@ -337,7 +343,7 @@ def find_folder_reports(model_dir: Path, reports_dir: Path) -> FolderReports:
     model_dir = Path(model_dir)
     experts_meta = experts_of_model(model_dir)
     candidates = eval_reports_under(reports_dir)
-    moe_name = model_dir.resolve().name
+    moe_name = model_name_of(str(model_dir))
     moe_hit = pick_report(candidates, str(model_dir), Path(reports_dir) / moe_name / REPORT_FILE)
     if moe_hit is None:
         raise MoelabError(f"no report for {model_dir} under {reports_dir}; run "
@@ -368,8 +374,13 @@ def evaluate_missing_experts(found: FolderReports, data_dir: Path | None, device
     by_source: dict[str, ScoredModel] = {}  # experts that share a source model are evaluated once
     for name, source, output in found.missing:
         if source not in by_source:
-            model = str(resolve_model(source)) if _is_derived(source) else source
-            by_source[source] = ScoredModel(name, run_eval(model, settings, data_dir, output), str(output))
+            if _is_derived(source):  # evaluated as its resolved folder; the report names the source
+                report = run_eval(str(resolve_model(source)), settings, data_dir, output)
+                report.model_ref, report.model_name = source, source_label(source)
+                report.save(output)
+            else:
+                report = run_eval(source, settings, data_dir, output)
+            by_source[source] = ScoredModel(name, report, str(output))
         scored[name] = replace(by_source[source], name=name)
     experts = [scored[name] for name, _ in experts_of_model(found.model_dir)]
     return FolderReports(found.model_dir, found.moe, experts, [])
@@ -385,7 +396,7 @@ def expert_tasks(moe: EvalReport, model_dir: Path, reports_dir: Path) -> list[st
         return nous
     domains = [t for t in domains_of_recipe(moe.recipe, model_dir, f"{model_dir}/moelab_recipe.yaml")
                if t.name in moe.settings.tasks]
-    tasks_file = Path(reports_dir) / f"{Path(model_dir).resolve().name}.domains.yaml"
+    tasks_file = Path(reports_dir) / f"{model_name_of(str(model_dir))}.domains.yaml"
     write_text_atomic(tasks_file, tasks_file_text(domains))
     return nous + [str(tasks_file)]
 

@@ -319,13 +319,14 @@ def nous_tasks(config: RunConfig):
 
 def _data_files(config: RunConfig) -> list[Path]:
     """The local task files the eval reads (their size goes into the eval key), checked up front."""
-    if config.data_dir is None:
-        return []
-    from moelab.eval.local import check_data_files
+    from moelab.eval.local import check_data_files, resolve_data_dir
 
+    data_dir = resolve_data_dir(config.data_dir)
+    if data_dir is None:
+        return []
     tasks = nous_tasks(config)
-    check_data_files(tasks, Path(config.data_dir))
-    return [Path(config.data_dir) / t.data_file for t in tasks]
+    check_data_files(tasks, data_dir)
+    return [data_dir / t.data_file for t in tasks]
 
 
 # ---------------------------------------------------------------- the demo
@@ -350,15 +351,17 @@ class RunEstimate:
 def estimate_run(config: RunConfig) -> Optional[RunEstimate]:
     """A fresh run's time on 2 CPU cores, from the examples and choices it will score (None without local data;
     domain tasks not counted)."""
+    from moelab.eval.local import resolve_data_dir
     from moelab.recipe import load_recipe
 
-    if config.data_dir is None:
+    data_dir = resolve_data_dir(config.data_dir)
+    if data_dir is None:
         return None
     recipe, _ = load_recipe(config.recipe)
     models = 1 + len({e.source_model for e in recipe.experts})
     requests = 0
     for task in nous_tasks(config):
-        with (Path(config.data_dir) / task.data_file).open() as rows:
+        with (data_dir / task.data_file).open() as rows:
             for n, line in enumerate(rows):
                 if config.limit is not None and n >= config.limit:
                     break

@@ -19,7 +19,7 @@ from moelab.errors import MoelabError
 from moelab.eval.report import EvalReport, EvalSettings, TaskResult, group_scores, overall_average
 from moelab.eval.suite import NOUS_TASKS
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHIPPED_DATA = "pkg:moelab/data"  # the BIG-bench subset shipped with moelab
 TASKS = [("bigbench_navigate", "Bigbench", "multiple_choice_grade", 0.02),
          ("bigbench_snarks", "Bigbench", "multiple_choice_grade", 0.03),
          ("bigbench_sports_understanding", "Bigbench", "multiple_choice_grade", 0.02),
@@ -220,7 +220,6 @@ def make_lora_adapter(base: Path, out: Path) -> Path:
     return out
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "bigbench").is_dir(), reason="needs ../shared/data/bigbench")
 def test_real_eval_of_a_tiny_moe_and_its_experts(tmp_path, tiny_dense, monkeypatch):
     """eval the MoE for real; compare MODEL_DIR --run-missing then evaluates both experts with its settings (one a
     MODEL+LORA source, evaluated on its merged folder) and routes labelled prompts through the MoE."""
@@ -239,12 +238,12 @@ def test_real_eval_of_a_tiny_moe_and_its_experts(tmp_path, tiny_dense, monkeypat
               recipe_dir=tmp_path)
     reports = tmp_path / "reports"
     settings = EvalSettings(tasks=["bigbench_navigate", "bigbench_snarks"], limit=4)
-    run_eval(str(model_dir), settings, SHARED_DATA, reports / "tiny-moe" / "nous.json")
+    run_eval(str(model_dir), settings, SHIPPED_DATA, reports / "tiny-moe" / "nous.json")
     prompts = tmp_path / "prompts.yaml"
     prompts.write_text(yaml.safe_dump([{"expert": "math", "text": "Two plus three is five."},
                                        {"expert": "code", "text": "def add(a, b):\n    return a + b"}]))
 
-    comparison = compare_inputs([model_dir], reports, run_missing=True, data_dir=SHARED_DATA, device="cpu",
+    comparison = compare_inputs([model_dir], reports, run_missing=True, data_dir=SHIPPED_DATA, device="cpu",
                                 probe=prompts)
 
     assert sorted(p.name for p in reports.iterdir()) == ["math", "tiny-moe", "tiny-moe.code"]
@@ -252,6 +251,8 @@ def test_real_eval_of_a_tiny_moe_and_its_experts(tmp_path, tiny_dense, monkeypat
                       for name, folder in [("math", "math"), ("code", "tiny-moe.code")]}
     assert expert_reports["math"].model == str(math_model)
     assert Path(expert_reports["code"].model).parent == tmp_path / "cache" / "lora"  # the merged folder
+    assert expert_reports["code"].model_ref == code_source  # ... of the recipe's source, which names it
+    assert expert_reports["code"].model_name == "math+code-lora"
     assert all(r.settings.limit == 4 and [t.n for t in r.results] == [4, 4] for r in expert_reports.values())
     assert comparison.experts == ["math", "code"] and comparison.limited
     for name, report in expert_reports.items():
@@ -263,3 +264,8 @@ def test_real_eval_of_a_tiny_moe_and_its_experts(tmp_path, tiny_dense, monkeypat
 
     # A second compare finds the derived expert's report where --run-missing put it, and evaluates nothing.
     pd.testing.assert_frame_equal(compare_inputs([model_dir], reports).table, comparison.table)
+    # Given as report files, the experts are named as in the MoE's recipe, not after their (cache) folders.
+    by_files = compare_inputs([reports / "tiny-moe" / "nous.json", reports / "math" / "nous.json",
+                               reports / "tiny-moe.code" / "nous.json"])
+    assert by_files.experts == ["math", "code"]
+    assert by_files.table["Best expert"].isin(["math", "code"]).all()

@@ -107,7 +107,7 @@ def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions
         _write_config(layout, config, tmp)
         _copy_tokenizer(base.folder, tmp)
         routing = router_report.to_json() if router_report else None
-        _write_metadata(tmp, recipe, recipe_text, layout, routing)
+        _write_metadata(tmp, out.name, recipe, recipe_text, layout, routing)
         from moelab.card import model_card
 
         (tmp / "README.md").write_text(
@@ -256,12 +256,13 @@ def _copy_tokenizer(base_dir: Path, folder: Path) -> None:
             shutil.copyfile(base_dir / name, folder / name)
 
 
-def _write_metadata(folder: Path, recipe: Recipe, recipe_text: str, layout: MoeLayout,
+def _write_metadata(folder: Path, folder_name: str, recipe: Recipe, recipe_text: str, layout: MoeLayout,
                     routing: Optional[dict]) -> None:
     from moelab import __version__
 
     (folder / "moelab_recipe.yaml").write_text(recipe_text)
     meta = {
+        "name": recipe.name or folder_name,
         "moelab_version": __version__,
         "architecture": layout.arch_id,
         "gate_mode": recipe.gate_mode,

@@ -21,6 +21,9 @@ from moelab.eval.suite import SuiteTask
 CPU_AUTO_BATCH_SIZE = 8
 # The Nous-era harness split these two BIG-bench tasks by number of objects; hails/bigbench mixes them in one config.
 OBJECT_COUNTS = {"three": 3, "five": 5, "seven": 7}
+# Offline task data shipped with moelab (the first rows of the 18 BIG-bench tasks): `--data-dir pkg:moelab/data`.
+SHIPPED_DATA = "pkg:moelab/data"
+SHIPPED_ROWS_PER_TASK = 30
 
 
 def multiple_choice_grade(doc: dict, loglikelihoods: list) -> dict[str, float]:
@@ -92,11 +95,35 @@ def check_data_files(tasks: list[SuiteTask], data_dir: Path) -> None:
                               f"(the dataset's own JSONL schema) or leave {task.name} out of --tasks")
 
 
+def resolve_data_dir(data_dir: Path | str | None) -> Path | None:
+    """--data-dir as a folder: a path, or `pkg:PACKAGE/FOLDER` (e.g. pkg:moelab/data, the shipped subset)."""
+    if data_dir is None:
+        return None
+    if str(data_dir).startswith("pkg:"):
+        from moelab.build.sources import package_path
+
+        return package_path(str(data_dir))
+    return Path(data_dir).expanduser()
+
+
+def is_shipped_data(data_dir: Path | None) -> bool:
+    return data_dir is not None and data_dir.resolve() == resolve_data_dir(SHIPPED_DATA).resolve()
+
+
+def built_model_name(folder: Path) -> str | None:
+    """The name `moelab build` recorded in a model folder's moelab.json (the recipe's name), if any."""
+    try:
+        name = json.loads((folder / "moelab.json").read_text()).get("name")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name else None
+
+
 def model_name_of(model: str) -> str:
-    """The folder name of a local model, or the name part of a Hub repo id (org/name)."""
+    """A local model's name (moelab.json's, else its folder's), or the name part of a Hub repo id (org/name)."""
     path = Path(model).expanduser()
     if path.is_dir():
-        return path.resolve().name
+        return built_model_name(path) or path.resolve().name
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise MoelabError(f"model '{model}' is neither a model folder nor a Hub repo id (org/name)")
     return model.split("/")[-1]
@@ -113,6 +140,9 @@ def model_identity(model: str) -> tuple[str, str | None, dict | None]:
     name, path = model_name_of(model), Path(model).expanduser()
     if not path.is_dir():
         return name, None, None
+    if not (path / "config.json").is_file():
+        raise MoelabError(f"model folder '{model}' has no config.json; point to a Hugging Face model folder (e.g. "
+                          "the one moelab build wrote)")
     # Hash what identifies the weights without reading gigabytes: config, index, and each shard's size + header.
     digest = hashlib.sha256()
     for file in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
@@ -283,10 +313,12 @@ def run_eval(model: str, settings: EvalSettings, data_dir: Path | None, output: 
         settings.tasks, Path(model).expanduser() if Path(model).expanduser().is_dir() else None, recipe)
     tasks = (select_tasks(",".join(nous_words)) if nous_words or not domain_tasks else []) + domain_tasks
     output = Path(output)
-    data_dir = Path(data_dir).expanduser() if data_dir is not None else None
+    data_dir = resolve_data_dir(data_dir)
     if data_dir is not None:
         check_data_files([t for t in tasks if isinstance(t, SuiteTask)], data_dir)
     check_writable(output)
+    if is_shipped_data(data_dir) and settings.limit is None:  # a subset: its scores are marked limited
+        settings = replace(settings, limit=SHIPPED_ROWS_PER_TASK)
     settings = resolve_settings(replace(settings, tasks=[t.name for t in tasks],
                                         num_fewshot={t.name: t.num_fewshot for t in tasks}))
 

@@ -4,7 +4,8 @@ Schema version 1 (all fields always present; JSON null where a value is unknown)
 - schema_version: 1; suite: "nous"; model: local path or Hub repo id; model_name: the folder/repo name;
   revision: Hub commit or None; content_hash: for a local folder, sha256 of its JSON files and of each
   safetensors shard's size and header (cheap, changes with any weight layout/config change), else None;
-  recipe: the moelab recipe (dict) when the model was built by moelab, else None.
+  recipe: the moelab recipe (dict) when the model was built by moelab, else None; model_ref: the reference a
+  recipe names the model by (e.g. `pkg:...gguf+ADAPTER`) when `model` is the folder moelab resolved it to, else None.
 - settings: EvalSettings (tasks, num_fewshot per task, limit, backend, device, dtype, batch_size, max_length).
 - results: one TaskResult per task (value and stderr are fractions in 0..1; n = examples scored).
 - groups: {"AGIEval"|"GPT4All"|"TruthfulQA"|"Bigbench": mean of its task values x100, rounded to 2}, only for a
@@ -69,6 +70,7 @@ class EvalReport:
     wall_time_s: float = 0.0
     date: str = ""
     gist_id: str | None = None
+    model_ref: str | None = None
     suite: str = "nous"
     schema_version: int = SCHEMA_VERSION
 
