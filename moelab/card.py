@@ -124,9 +124,10 @@ def _license_note(licenses: dict[str, str | None], license_id: str | None) -> st
 
 def evaluation_markdown(report: EvalReport) -> str:
     """The Nous suite scores: group averages, then every task, with the run's settings and Gist link."""
-    from moelab.eval.suite import GROUPS
+    from moelab.eval.report import measured_groups, partial_mark
 
-    groups = "".join(f"| {g} | {report.groups[g]:.2f} |\n" for g in GROUPS if g in report.groups)
+    groups = "".join(f"| {' '.join(filter(None, [g, partial_mark(ran, total)]))} | {score:.2f} |\n"
+                     for g, (score, ran, total) in measured_groups(report.results).items())
     average = f"| **Average** | **{report.average:.2f}** |\n" if report.average is not None else ""
     tasks = "".join(
         f"| {r.task} | {r.group} | {r.metric} | {r.value * 100:.2f} | "
