@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -286,7 +287,7 @@ def publish(
                       else f"create a {'public' if public else 'secret'} Gist")
             console.print(f"dry run: would {action} with {plan.filename} ({len(plan.content)} characters):",
                           highlight=False)
-            out.print(plan.content, markup=False, highlight=False)
+            out.print(plan.content, markup=False, highlight=False, soft_wrap=True)  # verbatim: no hard wraps
             return
         gist_id = publish_gist(gist, token, public, github_api_url, repo)
         console.print(f"[green]published[/green] https://gist.github.com/{gist_id} (id saved in {gist})",
@@ -297,7 +298,7 @@ def publish(
     upload = publish_model(model_dir, repo, token, private, report, dry_run, show_progress=True)
     out.print(upload_view(upload))
     if dry_run:
-        out.print(upload.card, markup=False, highlight=False)
+        out.print(upload.card, markup=False, highlight=False, soft_wrap=True)  # verbatim: no hard wraps
     elif upload.commit_url is None:
         console.print(f"[green]up to date[/green]: {repo} already holds every file", highlight=False)
     else:
@@ -354,13 +355,13 @@ def run_loop(config) -> None:
     import time
 
     from rich.console import Console as StdoutConsole
-    from rich.markdown import Markdown
     from rich.table import Table
 
-    from moelab.run import TIME_BUDGET_S, estimate_run, plan_stages, run_stages
+    from moelab.compare import comparison_view
+    from moelab.run import TIME_BUDGET_S, all_up_to_date, estimate_run, final_comparison, plan_stages, run_stages
 
     stages = plan_stages(config)
-    estimate = estimate_run(config)
+    estimate = None if all_up_to_date(stages, config.out) else estimate_run(config)
     if estimate is not None:
         console.print(f"{estimate.models} models x {estimate.requests_per_model} scored choices each: about "
                       f"{estimate.seconds / 60:.0f} min on 2 idle CPU cores from scratch (more when they are busy)",
@@ -375,9 +376,9 @@ def run_loop(config) -> None:
                               f"  [green]done[/green] in {o.seconds:.0f} s" if o.status == "ran"
                               else "  [dim]up to date[/dim]"))
     out = StdoutConsole()
-    compare_md = Path(config.out) / "compare" / "compare.md"
-    if compare_md.is_file():
-        out.print(Markdown(compare_md.read_text()))
+    comparison = final_comparison(config)
+    if comparison is not None:
+        out.print(comparison_view(comparison))
     table = Table(title=f"artifacts, in {config.out}", title_justify="left")
     for column in ("stage", "status", "files"):
         table.add_column(column)
@@ -403,9 +404,14 @@ def parse_size(text: str) -> int:
 
 
 def main() -> None:
-    # transformers' and the Hub's own progress bars and advice would bury moelab's output; users can turn them back on.
+    # Libraries' own progress bars, advice and deprecation notices (FutureWarning) would bury moelab's output and
+    # land inside chat answers; the user cannot act on them. Setting these variables (or PYTHONWARNINGS) turns
+    # them back on.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if not sys.warnoptions:
+        warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         app()
     except MoelabError as err:

@@ -275,14 +275,22 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def rich_table(title: str | None, header: list[str], rows: list[list[str]]):
-    """The terminal twin of markdown_table: numbers right-aligned, the first column never wrapped."""
+    """The terminal twin of markdown_table: numbers right-aligned; one space between columns and long words folded,
+    so that it stays readable in 80 columns."""
     from rich import box
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, title_style="bold")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, title_style="bold", collapse_padding=True,
+                  pad_edge=False)
     for i, name in enumerate(header):
         numeric = all(_is_number(r[i]) or not r[i] for r in rows)
-        table.add_column(name, justify="right" if numeric else "left", no_wrap=i == 0)
+        # Numbers never break; the first column (names) keeps up to 16 characters before it folds; other text
+        # wraps at 8 characters (or its longest word), which rich's own shrinking does not do reliably.
+        longest = max((len(r[i]) for r in rows), default=0)
+        longest_word = max((len(word) for r in [header, *rows] for word in r[i].split()), default=0)
+        table.add_column(name, justify="right" if numeric else "left", overflow="fold",
+                         min_width=longest if numeric else min(16, longest) if i == 0 else None,
+                         max_width=None if numeric or i == 0 else max(8, longest_word))
     for row in rows:
         table.add_row(*row)
     return table

@@ -180,23 +180,37 @@ def run_stages(stages: list[Stage], out: Path, on_start: Callable[[Stage], None]
     failure starts at the failed stage."""
     from moelab.eval.report import write_text_atomic
 
-    stamps_file = Path(out) / STAMPS_FILE
-    stamps = json.loads(stamps_file.read_text()) if stamps_file.is_file() else {}
+    stamps = _read_stamps(out)
     outcomes = []
     for stage in stages:
         started = time.perf_counter()
         on_start(stage)
-        if all(p.exists() for p in stage.outputs) and stage.name in stamps and stamps[stage.name] == stage.key():
+        if _is_current(stage, stamps):
             outcome = StageOutcome(stage.name, "up to date", 0.0, stage.outputs)
         else:
             stamps.pop(stage.name, None)
             stage.run()
             stamps[stage.name] = stage.key()
-            write_text_atomic(stamps_file, json.dumps(stamps, indent=1) + "\n")
+            write_text_atomic(Path(out) / STAMPS_FILE, json.dumps(stamps, indent=1) + "\n")
             outcome = StageOutcome(stage.name, "ran", time.perf_counter() - started, stage.outputs)
         outcomes.append(outcome)
         on_done(outcome)
     return outcomes
+
+
+def all_up_to_date(stages: list[Stage], out: Path) -> bool:
+    """True when a run would skip every stage (checked in order: a stage's key may need the previous outputs)."""
+    stamps = _read_stamps(out)
+    return all(_is_current(stage, stamps) for stage in stages)
+
+
+def _read_stamps(out: Path) -> dict[str, str]:
+    stamps_file = Path(out) / STAMPS_FILE
+    return json.loads(stamps_file.read_text()) if stamps_file.is_file() else {}
+
+
+def _is_current(stage: Stage, stamps: dict[str, str]) -> bool:
+    return all(p.exists() for p in stage.outputs) and stage.name in stamps and stamps[stage.name] == stage.key()
 
 
 # ---------------------------------------------------------------- the stages' work: calls into the other modules
@@ -279,6 +293,19 @@ def _compare(paths: RunPaths, with_probe: bool) -> None:
     comparison = compare_inputs([paths.model_dir], paths.reports_dir,
                                 probe=paths.probe_json if with_probe else None)
     write_comparison(comparison, paths.compare_dir)
+
+
+def final_comparison(config: RunConfig):
+    """The comparison that the compare stage wrote, read again from its reports (to print it); None before it ran."""
+    from moelab.compare import compare_inputs
+    from moelab.recipe import load_recipe
+
+    recipe = load_recipe(config.recipe)[0]
+    paths = RunPaths(Path(config.out), recipe.name or Path(config.recipe).stem)
+    if not (paths.compare_dir / "compare.md").is_file():
+        return None
+    return compare_inputs([paths.model_dir], paths.reports_dir,
+                          probe=paths.probe_json if paths.probe_json.is_file() else None)
 
 
 def _report_markdown(paths: RunPaths) -> None:

@@ -122,6 +122,9 @@ TRUTHFULQA_PREAMBLE = (
 
 def test_full_suite_report_matches_independent_scoring(full_run, tiny_model, nous_data):
     done, report, output = full_run
+    # One moelab progress view: none of lm-eval's per-request bars nor library deprecation warnings.
+    assert "Running loglikelihood requests" not in done.stderr and "Tokenizing inputs" not in done.stderr
+    assert "Warning" not in done.stderr and "tasks" in done.stderr
     assert [r.task for r in report.results] == [t.name for t in NOUS_TASKS]
     assert all(r.n == LIMIT and r.num_fewshot == 0 for r in report.results)
     assert report.limited and report.settings.limit == LIMIT and report.settings.device == "cpu"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
@@ -326,9 +328,9 @@ def run_eval(model: str, settings: EvalSettings, data_dir: Path | None, output: 
     fingerprints = {t.name: task_fingerprint(model, content_hash, settings, t, data_dir) for t in tasks}
     results = {t.name: r for t in tasks if (r := read_cached(cache_dir, t, fingerprints[t.name]))}
     lm = task_manager = revision = None
-    with quiet_lm_eval(), Progress(TextColumn("{task.description}"), BarColumn(),
-                                   TextColumn("{task.completed}/{task.total} tasks"), TimeElapsedColumn(),
-                                   console=Console(stderr=True)) as bar:
+    # The bar's console keeps this stderr: quiet_lm_eval points sys.stderr (lm-eval's own bars) elsewhere.
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tasks"),
+                  TimeElapsedColumn(), console=Console(file=sys.stderr)) as bar, quiet_lm_eval():
         overall = bar.add_task("cached", total=len(tasks), completed=len(results))
         for task in tasks:
             if task.name in results:
@@ -362,13 +364,17 @@ def run_eval(model: str, settings: EvalSettings, data_dir: Path | None, output: 
 
 
 class quiet_lm_eval:
-    """Silence datasets' and transformers' progress bars and lm-eval's INFO logs while our per-task bar runs."""
+    """Silence datasets' and transformers' progress bars, lm-eval's INFO logs and its per-request tqdm bars (which
+    it shows whatever TQDM_DISABLE says) while our per-task bar runs: sys.stderr goes to /dev/null meanwhile."""
 
     def __enter__(self):
         import logging
 
         import datasets
         import transformers
+
+        self.stderr = sys.stderr
+        sys.stderr = open(os.devnull, "w")
 
         self.bars_were_on = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()
@@ -392,4 +398,6 @@ class quiet_lm_eval:
                 transformers.utils.logging.enable_progress_bar()
         for logger, level in zip(self.loggers, self.levels):
             logger.setLevel(level)
+        sys.stderr.close()
+        sys.stderr = self.stderr
         return False

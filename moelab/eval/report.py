@@ -25,7 +25,7 @@ from typing import Any
 
 from moelab.errors import MoelabError
 from moelab.files import temp_file_beside
-from moelab.eval.suite import GROUPS, NOUS_TASKS, tasks_of_group
+from moelab.eval.suite import GROUPS, NOUS_TASKS, short_task_name, tasks_of_group
 
 SCHEMA_VERSION = 1
 
@@ -174,13 +174,13 @@ def report_view(report: EvalReport):
     average = "not all four groups ran" if report.average is None else f"{report.average:.2f}"
     table = Table(title=f"{report.model_name} on the Nous suite{limited}", title_justify="left",
                   caption=f"Average of the four groups: {average}", caption_justify="left")
-    table.add_column("Task", no_wrap=True)
+    table.add_column("Task", overflow="fold", min_width=16)  # listed by group: names without the group prefix
     table.add_column("Metric", overflow="fold")
     for column in ("Value", "Stderr", "n"):
         table.add_column(column, justify="right")
     for group, (score, ran, total) in measured_groups(report.results).items():
         for r in (r for r in report.results if r.group == group):
-            table.add_row(r.task, r.metric, _percent(r.value), _percent(r.stderr), str(r.n))
+            table.add_row(short_task_name(r.task), r.metric, _percent(r.value), _percent(r.stderr), str(r.n))
         table.add_row(f"[b]{group}[/b]", " ".join(["mean x100", partial_mark(ran, total)]).strip(),
                       f"[b]{score:.2f}[/b]", "", "", end_section=True)
     return table
