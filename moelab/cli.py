@@ -10,9 +10,10 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from moelab.errors import MoelabError
-from moelab.eval.remote import DEFAULT_GPU, DEFAULT_IMAGE, DEFAULT_INSTALL  # light: defaults for --help
+from moelab.eval.remote import DEFAULT_GPU, DEFAULT_IMAGE  # light: defaults for --help
 from moelab.run import DEMO_LIMIT  # light: a default for --help
 
 app = typer.Typer(
@@ -187,8 +188,9 @@ def eval_command(
     disk_gb: int = typer.Option(100, help="Pod container disk in GB (holds the model).", rich_help_panel="Remote"),
     timeout_min: float = typer.Option(240.0, help="Give up (and remove the pod) after this many minutes.",
                                       rich_help_panel="Remote"),
-    install: str = typer.Option(DEFAULT_INSTALL, help="pip spec the pod installs moelab from.",
-                                rich_help_panel="Remote"),
+    install: Optional[str] = typer.Option(None, help="pip requirement, URL or path the pod installs moelab from "
+                                                     "(default: this moelab, sent as a wheel in the run's Gist).",
+                                          rich_help_panel="Remote"),
     keep_pod: bool = typer.Option(False, "--keep-pod", help="Debugging only: leave the pod running (and billing).",
                                   rich_help_panel="Remote"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the pod specification (secrets masked); create "
@@ -235,6 +237,9 @@ def eval_on_pod(remote: str, model: str, settings, data_dir: Optional[Path], rep
     secrets = Secrets.from_env(runpod_api_key)
     if dry_run:
         StdoutConsole().print(pod_spec_view(planned_pod(model, settings, options, secrets, push)))
+        for name in secrets.missing():
+            console.print(f"[yellow]warning:[/yellow] {name} is not set; a real run needs it (see `moelab eval "
+                          "--help`)", highlight=False)
         return
     if options.keep_pod:
         console.print("[bold yellow]WARNING --keep-pod: the pod keeps running and billing after the eval; remove it "
@@ -415,7 +420,7 @@ def main() -> None:
     try:
         app()
     except MoelabError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)  # "[eval]" as is
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]")

@@ -1,8 +1,9 @@
 """`moelab eval --remote runpod`: rent a RunPod GPU pod, run the eval there, read the report back, never leak the pod.
 
 How it works (both sides of the wire):
-1. Local: create a secret GitHub Gist for this run (GITHUB_TOKEN, gist scope), then a pod whose start command
-   pip-installs moelab and runs `python -m moelab.eval.pod`. The model (a Hub repo id), the eval settings and the
+1. Local: create a secret GitHub Gist for this run (GITHUB_TOKEN, gist scope) holding a wheel of this moelab
+   (moelab/eval/delivery.py), then a pod whose start command installs it (or --install) and runs
+   `python -m moelab.eval.pod`. The model (a Hub repo id), the eval settings and the
    gist id travel as pod environment variables, and so do the secrets the pod needs (GITHUB_TOKEN, HF_TOKEN if set).
    The RunPod API key never leaves this machine.
 2. Pod (moelab/eval/pod.py): run the same `run_eval`, write the EvalReport JSON and its AutoEval markdown into the
@@ -26,13 +27,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from moelab import __version__
 from moelab.errors import MoelabError
+from moelab.eval.delivery import POD_ENV_INSTALL, POD_ENV_WHEEL, WHEEL_SUFFIX, check_install, wheel_file_name
 from moelab.eval.report import EvalReport, EvalSettings
 
 DEFAULT_GPU = "NVIDIA A100 80GB PCIe"  # 80 GB holds a 4x7B frankenMoE in float16
 DEFAULT_IMAGE = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
-DEFAULT_INSTALL = f"moelab[eval]=={__version__}"
 CLOUDS = ("secure", "community")
 PODS_CONSOLE_URL = "https://www.console.runpod.io/pods"
 # A pod that has no running container after this long is not coming (no capacity, image pull stuck).
@@ -50,6 +50,7 @@ POD_ENV_MODEL = "MOELAB_MODEL"
 POD_ENV_SETTINGS = "MOELAB_EVAL_SETTINGS"
 POD_ENV_GIST = "MOELAB_GIST_ID"
 POD_ENV_KEEP = "MOELAB_KEEP_POD"
+POD_ENV_BOOTSTRAP = "MOELAB_BOOTSTRAP"  # the source of moelab/eval/bootstrap.py, which the start command runs
 POD_SECRET_NAMES = ("GITHUB_TOKEN", "HF_TOKEN")
 
 
@@ -61,7 +62,7 @@ class RemoteOptions:
     image: str = DEFAULT_IMAGE
     disk_gb: int = 100
     timeout_min: float = 240.0
-    install: str = DEFAULT_INSTALL
+    install: str | None = None  # pip argument for moelab on the pod; None: this moelab, as a wheel in the Gist
     keep_pod: bool = False
 
 
@@ -78,6 +79,11 @@ class Secrets:
 
     def values(self) -> list[str]:
         return [v for v in (self.runpod_api_key, self.github_token, self.hf_token) if v]
+
+    def missing(self) -> list[str]:
+        """The variables a real run needs but this one lacks (RUNPOD_API_KEY, GITHUB_TOKEN)."""
+        return [name for name, value in (("RUNPOD_API_KEY", self.runpod_api_key), ("GITHUB_TOKEN", self.github_token))
+                if not value]
 
 
 def mask_secrets(text: str, secret_values: list[str]) -> str:
@@ -102,6 +108,8 @@ class PodSpec:
     def shown(self) -> dict[str, object]:
         """The spec as --dry-run prints it: secret environment values masked."""
         env = {k: ("***" if v else "<not set>") if k in POD_SECRET_NAMES else v for k, v in self.env.items()}
+        if POD_ENV_BOOTSTRAP in env:
+            env[POD_ENV_BOOTSTRAP] = f"<moelab/eval/bootstrap.py, {len(env[POD_ENV_BOOTSTRAP])} characters>"
         return {**asdict(self), "env": env}
 
 
@@ -166,15 +174,17 @@ def pod_spec(repo_id: str, settings: EvalSettings, options: RemoteOptions, secre
         raise MoelabError(f"--cloud {options.cloud} is not one of {', '.join(CLOUDS)}")
     if options.gpu_count < 1 or options.disk_gb < 10 or options.timeout_min <= 0:
         raise MoelabError("--gpu-count must be >= 1, --disk-gb >= 10 and --timeout-min > 0")
-    if any(c in options.install for c in "'\"\n"):
-        raise MoelabError(f"--install '{options.install}' may not contain quotes or newlines; give a pip spec")
+    from moelab.eval.delivery import bootstrap_source
+
+    install = {POD_ENV_INSTALL: check_install(options.install)} if options.install else \
+        {POD_ENV_WHEEL: wheel_file_name()}
     env = {POD_ENV_MODEL: repo_id, POD_ENV_SETTINGS: json.dumps(asdict(settings)), POD_ENV_GIST: gist_id,
-           "GITHUB_TOKEN": secrets.github_token or ""}
+           "GITHUB_TOKEN": secrets.github_token or "", **install, POD_ENV_BOOTSTRAP: bootstrap_source()}
     if secrets.hf_token:
         env["HF_TOKEN"] = secrets.hf_token
     if os.environ.get(GITHUB_API_ENV):  # GitHub Enterprise: the pod must post to the same server
         env[GITHUB_API_ENV] = os.environ[GITHUB_API_ENV]
-    run = f'pip install -q "{options.install}" && python -m moelab.eval.pod'
+    run = f'python -c "${POD_ENV_BOOTSTRAP}"'  # installs moelab, then becomes the pod entry
     if options.keep_pod:
         env[POD_ENV_KEEP] = "1"
         command = f"{run}; sleep infinity"
@@ -197,6 +207,7 @@ def run_remote_eval(model: str, settings: EvalSettings, output: Path, options: R
                     push: str | None = None, on_progress: Callable[[PodProgress], None] = lambda p: None
                     ) -> RemoteResult:
     """Evaluate MODEL on a RunPod pod and save its EvalReport at OUTPUT; the pod is removed on every path."""
+    from moelab.eval.delivery import own_wheel, wheel_as_text
     from moelab.eval.local import check_writable
 
     repo_id = check_remote_model(model, push)
@@ -207,9 +218,11 @@ def run_remote_eval(model: str, settings: EvalSettings, output: Path, options: R
         raise MoelabError("the pod returns the report through a secret Gist: set GITHUB_TOKEN to a token with "
                           "the gist scope")
     check_writable(Path(output))
+    wheel = None if options.install else own_wheel()  # before anything is created: a failed build costs nothing
     if push:
         publish_for_pod(model, push, secrets)
-    channel = GistChannel.create(secrets.github_token, repo_id)
+    channel = GistChannel.create(secrets.github_token, repo_id,
+                                 {wheel_file_name(): wheel_as_text(wheel)} if wheel else {})
     report, failure = None, None
     with exit_on_sigterm():
         pod = RunPodSession(secrets, on_progress)
@@ -426,14 +439,16 @@ class GistChannel:
         return self.gist.html_url
 
     @classmethod
-    def create(cls, token: str, repo_id: str) -> "GistChannel":
+    def create(cls, token: str, repo_id: str, extra_files: dict[str, str] | None = None) -> "GistChannel":
+        """The run's secret gist: a placeholder for the report, and `extra_files` for the pod (moelab's wheel)."""
         from github import InputFileContent
 
         name = repo_id.split("/")[-1]
         placeholder = f"moelab is evaluating {repo_id} on a RunPod pod; the report lands here when it finishes.\n"
+        files = {f"{name}-Nous.md": placeholder, **(extra_files or {})}
         with github_errors("create the run's secret gist", token):
             gist = github_client(token).get_user().create_gist(
-                public=False, files={f"{name}-Nous.md": InputFileContent(placeholder)},
+                public=False, files={n: InputFileContent(text) for n, text in files.items()},
                 description=f"moelab eval {repo_id} (running)")
         return cls(gist, [token])
 
@@ -457,10 +472,12 @@ class GistChannel:
     def post_report(self, report: EvalReport, markdown: str) -> None:
         from github import InputFileContent
 
+        delivered = {name: None for name in self.gist.files if name.endswith(WHEEL_SUFFIX)}  # served its purpose
         with github_errors("write the report to the gist", *self.secret_values):
             self.gist.edit(description=f"moelab eval {report.model} (Nous)", files={
                 f"{report.model_name}-Nous.md": InputFileContent(markdown),
-                f"{report.model_name}{REPORT_SUFFIX}": InputFileContent(json.dumps(report.to_dict(), indent=2))})
+                f"{report.model_name}{REPORT_SUFFIX}": InputFileContent(json.dumps(report.to_dict(), indent=2)),
+                **delivered})
 
     def post_error(self, text: str) -> None:
         from github import InputFileContent
