@@ -360,7 +360,7 @@ def find_folder_reports(model_dir: Path, reports_dir: Path) -> FolderReports:
     for name, source in experts_meta:
         expected = report_path_for(source, reports_dir, moe_name, name)
         hit = pick_report(candidates, source, expected, like=moe.report)
-        if hit is None:
+        if hit is None or settings_differences(moe.report, hit[1]):  # made otherwise: --run-missing redoes it
             missing.append((name, source, expected))
         else:
             experts.append(ScoredModel(name, hit[1], str(hit[0])))

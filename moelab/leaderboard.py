@@ -107,13 +107,15 @@ def entry_from_report(report: EvalReport, source: str) -> LeaderboardEntry:
 
 
 def one_row_per_model(entries: list[LeaderboardEntry]) -> list[LeaderboardEntry]:
-    """The best-founded entry of each model: a full run over a limited one, a report over its gist markdown (which
-    holds less), then the newest."""
+    """The best-founded entry of each model: a full run over a limited one, then the one scoring more groups, a
+    report over its gist markdown (which holds less), then the newest. Entries without a Nous score (a report of
+    domain tasks only) have nothing to rank and are left out."""
+    def rank(entry: LeaderboardEntry) -> tuple:
+        return not entry.limited, len(entry.scores), entry.from_report, entry.date
+
     best: dict[str, LeaderboardEntry] = {}
     for entry in entries:
-        rank = (not entry.limited, entry.from_report, entry.date)
-        kept = best.get(entry.model)
-        if kept is None or rank > (not kept.limited, kept.from_report, kept.date):
+        if entry.scores and (entry.model not in best or rank(entry) > rank(best[entry.model])):
             best[entry.model] = entry
     return list(best.values())
 
