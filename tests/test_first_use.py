@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
 from conftest import SHIPPED_DATA_DIR
-from moelab.eval.local import check_data_files, resolve_data_dir
+from moelab.eval.local import check_data_files, default_report_path, resolve_data_dir
 from moelab.eval.suite import select_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,3 +35,12 @@ def test_generated_reports_are_ignored_and_benchmarks_are_not():
     assert ignored("reports/demo/SmolLM2-3x135M-demo/model-00001-of-00001.safetensors")
     assert ignored("reports/leaderboard/leaderboard.png") and ignored("reports/my-moe/nous.json")
     assert not ignored("reports/bench/build.json") and not ignored("moelab/data/bigbench/navigate.jsonl")
+
+
+def test_a_built_model_is_named_by_its_recipe_not_its_folder(tiny_moe_dir, tmp_path):
+    demo = shutil.copytree(tiny_moe_dir, tmp_path / "demo")  # `moelab build ... out/demo`
+
+    assert json.loads((demo / "moelab.json").read_text())["name"] == "tiny-moe"
+    assert default_report_path(str(demo)) == Path("reports") / "tiny-moe" / "nous.json"
+    (demo / "moelab.json").write_text('{"experts": []}')  # a build without a name: the folder's
+    assert default_report_path(str(demo)) == Path("reports") / "demo" / "nous.json"

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from moelab.errors import MoelabError
-from moelab.eval.delivery import POD_ENV_INSTALL, POD_ENV_WHEEL, WHEEL_SUFFIX, check_install, wheel_file_name
+from moelab.eval.delivery import (POD_ENV_INSTALL, POD_ENV_WHEEL, WHEEL_SUFFIX, bootstrap_source, check_install,
+                                  wheel_file_name)
 from moelab.eval.report import EvalReport, EvalSettings
 
 DEFAULT_GPU = "NVIDIA A100 80GB PCIe"  # 80 GB holds a 4x7B frankenMoE in float16
@@ -174,8 +175,6 @@ def pod_spec(repo_id: str, settings: EvalSettings, options: RemoteOptions, secre
         raise MoelabError(f"--cloud {options.cloud} is not one of {', '.join(CLOUDS)}")
     if options.gpu_count < 1 or options.disk_gb < 10 or options.timeout_min <= 0:
         raise MoelabError("--gpu-count must be >= 1, --disk-gb >= 10 and --timeout-min > 0")
-    from moelab.eval.delivery import bootstrap_source
-
     install = {POD_ENV_INSTALL: check_install(options.install)} if options.install else \
         {POD_ENV_WHEEL: wheel_file_name()}
     env = {POD_ENV_MODEL: repo_id, POD_ENV_SETTINGS: json.dumps(asdict(settings)), POD_ENV_GIST: gist_id,
