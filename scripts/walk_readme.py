@@ -1,6 +1,6 @@
 """Walk the README as a new user would: a fresh clone, a fresh virtualenv, then every command it shows, in order.
 
-    python scripts/walk_readme.py [--repo .] [--pytest-args "-m 'not slow'"] [--timeout-s 1800]
+    python scripts/walk_readme.py [--repo .] [--pytest-args "-m 'not slow'"] [--timeout-s 1800] [--work DIR]
 
 Each ```bash block of README.md is read top to bottom; a command runs in the clone (without ../shared beside it,
 and with HF_HUB_OFFLINE=1: no network but PyPI's packages already installed) unless it needs what a walk cannot
@@ -10,7 +10,9 @@ out/demo, built earlier by the README's build command), `moelab publish` runs wi
 reads reports/ without the README's example Gist. For each: exit code, seconds, and whether its output holds
 what the README says it prints (CLAIMS). The virtualenv uses --system-site-packages, so that torch, transformers
 and lm-eval come from this machine instead of a 5 GB download; `pip install -e` still installs moelab from the
-clone. Results: reports/bench/readme_walk.json (scripts/bench_report.py) and a markdown table on stdout.
+clone. Results: reports/bench/readme_walk.json (scripts/bench_report.py, rewritten after every command) and a
+markdown table on stdout. `--work DIR` continues an interrupted walk in its clone and venv (moelab's stages skip
+what is done), as a user re-running the same commands would.
 """
 
 from __future__ import annotations
@@ -99,17 +101,30 @@ def claims_for(command: str) -> list[str]:
     return next((claims for key, claims in CLAIMS.items() if key in command), [])
 
 
+def save(args, clone: Path, steps: list[dict], continued: bool) -> None:
+    ran = [s for s in steps if "skipped" not in s]
+    write_bench_json("readme_walk", {
+        "clone": args.repo, "commit": subprocess.run(["git", "-C", str(clone), "rev-parse", "HEAD"],
+                                                     capture_output=True, text=True).stdout.strip(),
+        "venv": "--system-site-packages (torch, transformers, lm-eval from this machine)",
+        "pytest_args": args.pytest_args, "continued_an_interrupted_walk": continued,
+        "ok": sum(s["exit_code"] == 0 and not s["claims_missing"] for s in ran), "ran": len(ran),
+        "skipped": len(steps) - len(ran), "steps": steps})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]), help="what to clone (HEAD)")
     parser.add_argument("--pytest-args", default="-q -m 'not slow'", help="added to the README's pytest command")
     parser.add_argument("--timeout-s", type=int, default=1800, help="longest one command may take")
+    parser.add_argument("--work", type=Path, help="the folder of an interrupted walk, to continue it")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="moelab-walk-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="moelab-walk-"))
     clone, venv = work / "moelab", work / "venv"
-    subprocess.run(["git", "clone", "-q", args.repo, str(clone)], check=True)
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    if args.work is None:
+        subprocess.run(["git", "clone", "-q", args.repo, str(clone)], check=True)
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}", VIRTUAL_ENV=str(venv), HF_HUB_OFFLINE="1",
                COLUMNS="80", PIP_DISABLE_PIP_VERSION_CHECK="1")
@@ -139,14 +154,8 @@ def main() -> None:
                       "claims": claims_for(command), "claims_missing": missing,
                       "output_tail": output[-1500:] if code != 0 or missing else ""})
         print(f"      exit {code} in {seconds} s" + (f"; missing: {missing}" if missing else ""), flush=True)
-
-    ran = [s for s in steps if "skipped" not in s]
-    write_bench_json("readme_walk", {
-        "clone": args.repo, "commit": subprocess.run(["git", "-C", str(clone), "rev-parse", "HEAD"],
-                                                     capture_output=True, text=True).stdout.strip(),
-        "venv": "--system-site-packages (torch, transformers, lm-eval from this machine)",
-        "ok": sum(s["exit_code"] == 0 and not s["claims_missing"] for s in ran), "ran": len(ran),
-        "skipped": len(steps) - len(ran), "steps": steps})
+        save(args, clone, steps, continued=args.work is not None)
+    save(args, clone, steps, continued=args.work is not None)
     print("\n| command | exit | seconds | output as claimed |\n|---|---:|---:|---|")
     for step in steps:
         if "skipped" in step:
