@@ -25,7 +25,7 @@ SHARED_WEIGHTS = "## Shared weights"
 def model_card(recipe: Recipe, recipe_text: str, architecture: str, notes: list[str],
                shared_deltas: dict[str, float] | None = None, report: EvalReport | None = None,
                repo_id: str | None = None, licenses: dict[str, str | None] | None = None,
-               routing: dict | None = None, retention: list[dict] | None = None) -> str:
+               routing: dict | None = None, retention: list[dict] | None = None, heal: dict | None = None) -> str:
     """Markdown with YAML front matter: license, base models, tags, the expert table, evaluation, build notes,
     the recipe and usage.
 
@@ -33,6 +33,7 @@ def model_card(recipe: Recipe, recipe_text: str, architecture: str, notes: list[
     `report`: adds an evaluation table and `model-index` results. `repo_id`: the Hub id the usage code loads.
     `licenses`: the license of each source model (None: unknown); looked up locally when not given.
     `routing`: held-out routing quality of gate_mode trained (RouterReport.to_json(), kept in moelab.json).
+    `heal`: what the heal step did (HealReport.to_json(), kept in moelab.json).
     `retention`: per expert domain, base / expert / MoE scores and the share of the expert's gain the MoE keeps
     (moelab.compare.retention_rows, as `moelab compare` writes it to retention.json).
     """
@@ -70,10 +71,11 @@ def model_card(recipe: Recipe, recipe_text: str, architecture: str, notes: list[
            "base's (relative norm of the difference); `base` drops these changes, the merging modes keep them.\n\n"
            f"| expert | change of shared weights |\n|---|---|\n{deltas_md}\n" if deltas_md else "")
         + (_routing_markdown(routing) if routing else "")
+        + (heal_markdown(heal) if heal else "")
         + (_retention_markdown(retention) if retention else "")
         + (f"{BUILD_NOTES}\n{notes_md}\n" if notes else "")
         + f"## Recipe\n```yaml\n{recipe_text.rstrip()}\n```\n\n"
-        + _usage(repo_id)
+        + _usage(repo_id, architecture)
         + _license_note(licenses, license_id)
     )
 
@@ -101,11 +103,35 @@ def _routing_markdown(routing: dict) -> str:
             f"| load imbalance (CV of usage, 0 = even) | {hidden['balance_cv']:.3f} | {trained['balance_cv']:.3f} |\n\n")
 
 
-def _usage(repo_id: str | None) -> str:
+def heal_markdown(heal: dict) -> str:
+    """Held-out KL to each domain's teacher and NLL of its data, before and after the heal step."""
+    rows = "".join(
+        f"| {name} | `{d['teacher']}` | {d['heldout_tokens']} | {d['kl_before']:.4f} | {d['kl_after']:.4f} | "
+        f"{d['nll_before']:.3f} | {d['nll_after']:.3f} | {d['nll_teacher']:.3f} |\n"
+        for name, d in heal["domains"].items())
+    return ("## Heal\n"
+            f"After the merge, {heal['trainable_params']:,} parameters ({', '.join(heal['parts'])}) were trained for "
+            f"{heal['steps']} steps ({heal['seconds']:.0f} s) so that on each expert's data the MoE reproduces that "
+            "expert (the base on general data), then merged into the weights. Held-out tokens, per token:\n\n"
+            "| domain | teacher | tokens | KL before | KL after | NLL before | NLL after | NLL of the teacher |\n"
+            f"|---|---|---:|---:|---:|---:|---:|---:|\n{rows}\n")
+
+
+def _usage(repo_id: str | None, architecture: str) -> str:
+    from moelab.build.layouts import LAYOUTS
+
     model = f'"{repo_id}"' if repo_id else '"path/to/this/folder"'
+    remote_code = LAYOUTS[architecture].remote_code if architecture in LAYOUTS else None
+    note, load_args = "", model
+    if remote_code:
+        note = (f"transformers has no class for {LAYOUTS[architecture].hf_architecture}: loading runs the modelling "
+                f"code of [{remote_code}](https://huggingface.co/{remote_code}) (`trust_remote_code=True`). vLLM and "
+                "llama.cpp (convert_hf_to_gguf.py) support it natively.\n")
+        load_args = f"{model}, trust_remote_code=True"
     return (
-        "## Usage\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f"tokenizer = AutoTokenizer.from_pretrained({model})\nmodel = AutoModelForCausalLM.from_pretrained({model})\n"
+        f"## Usage\n{note}```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f"tokenizer = AutoTokenizer.from_pretrained({model})\n"
+        f"model = AutoModelForCausalLM.from_pretrained({load_args})\n"
         "messages = [{\"role\": \"user\", \"content\": \"What is 12 times 7?\"}]\n"
         "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",\n"
         "                                       return_dict=True)\n"

@@ -10,11 +10,12 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
-from moelab.errors import MoelabError
+from moelab.errors import MoelabError, check_number
 from moelab.eval.remote import DEFAULT_GPU, DEFAULT_IMAGE  # light: defaults for --help
+from moelab.redact import clean_secret, mask, secret_from_env
 from moelab.run import DEMO_LIMIT  # light: a default for --help
+from moelab.signals import Interrupted, stop_signals_unwind
 
 app = typer.Typer(
     help="Build Mixture-of-Experts models from dense fine-tunes, then probe, evaluate, compare and publish them.",
@@ -23,6 +24,8 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+MAX_TOKENS = 10**6
 
 
 @app.callback()
@@ -48,16 +51,20 @@ def build(
     from moelab.build import BuildOptions, build_moe
     from moelab.recipe import load_recipe
 
+    check_number("--seed", seed, 0, MAX_SEED)
+    shard_bytes = parse_size(shard_size)
     parsed, text = load_recipe(recipe, allow_identical_experts)
     options = BuildOptions(device=device, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
-                           shard_bytes=parse_size(shard_size), seed=seed, force=force)
+                           shard_bytes=shard_bytes, seed=seed, force=force)
     result = build_moe(parsed, text, out, options, recipe_dir=recipe.parent)
     console.print(f"[green]built[/green] {result.architecture} with {result.num_experts} experts "
                   f"({result.total_bytes / 1e9:.2f} GB in {result.num_shards} shard(s)) at {out}")
     if result.routing is not None:
         Console().print(routing_table(result.routing))
+    if result.heal is not None:
+        Console().print(heal_table(result.heal))
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+        console.print(f"[yellow]warning:[/yellow] {mask(warning)}", soft_wrap=True)
 
 
 def routing_table(report):
@@ -71,6 +78,20 @@ def routing_table(report):
         table.add_row(name, f"{report.hidden.accuracy[name]:.3f}", f"{accuracy:.3f}")
     table.add_row("overall", f"{report.hidden.overall:.3f}", f"{report.trained.overall:.3f}", style="bold")
     table.add_row("imbalance (CV)", f"{report.hidden.balance_cv:.3f}", f"{report.trained.balance_cv:.3f}")
+    return table
+
+
+def heal_table(report):
+    """Held-out KL to each domain's teacher and NLL of its data, before and after the heal step."""
+    from rich.table import Table
+
+    table = Table(title=f"heal: {report.steps} steps of {', '.join(report.parts)} ({report.trainable_params:,} "
+                        f"parameters, {report.seconds:.0f} s); held-out tokens")
+    for column in ("domain", "tokens", "KL before", "KL after", "NLL before", "NLL after", "NLL teacher"):
+        table.add_column(column, justify="left" if column == "domain" else "right")
+    for name, d in report.domains.items():
+        table.add_row(name, str(d.heldout_tokens), f"{d.kl_before:.4f}", f"{d.kl_after:.4f}", f"{d.nll_before:.3f}",
+                      f"{d.nll_after:.3f}", f"{d.nll_teacher:.3f}")
     return table
 
 
@@ -97,6 +118,10 @@ def chat(
     from moelab.chat import ChatSession, GenerationSettings, probe_view, run_chat
     from moelab.probe import load_labelled_prompts, load_moe, moe_folder, probe_routing
 
+    check_number("--max-new-tokens", max_new_tokens, 1, MAX_TOKENS)
+    check_number("--temperature", temperature, 0, 100)
+    check_number("--top-p", top_p, 0, 1, low_inclusive=False)
+    check_number("--seed", seed, 0, MAX_SEED)
     if probe is not None and (prompt or trace or heatmap):
         raise MoelabError("--probe routes labelled prompts without chatting; drop --prompt, --trace and --heatmap")
     if json_output and probe is None:
@@ -155,7 +180,8 @@ def leaderboard(
     """Rank models by their Nous scores (AGIEval, GPT4All, TruthfulQA, Bigbench, Average)."""
     from moelab.leaderboard import collect_entries, leaderboard_table, leaderboard_view, write_leaderboard
 
-    entries = collect_entries(sources or ["reports"], github_token or os.environ.get("GITHUB_TOKEN"), github_api_url)
+    entries = collect_entries(sources or ["reports"], clean_secret(github_token) or secret_from_env("GITHUB_TOKEN"),
+                              github_api_url)
     table = leaderboard_table(entries)
     written = write_leaderboard(table, out)
     Console().print(leaderboard_view(table))
@@ -176,7 +202,17 @@ def eval_command(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option("auto", help="auto (float16 on GPU as AutoEval, float32 on CPU), bfloat16, float16 "
                                            "or float32."),
-    batch_size: str = typer.Option("auto", help="Batch size, or auto (probed on GPU; 8 on CPU)."),
+    engine: str = typer.Option("auto", help="moelab: all tasks in one scheduled pass, each shared context run "
+                                            "once (hf backend); lm-eval: lm-eval's own loop, task by task; auto: "
+                                            "moelab for hf, lm-eval for vllm."),
+    batch_tokens: Optional[int] = typer.Option(None, help="moelab engine: tokens per forward pass, padding "
+                                                          "included (default: 32768 on GPU, 4096 on CPU)."),
+    parallel: str = typer.Option("auto", help="Several GPUs: replicas (one model per GPU, requests split; moelab "
+                                              "engine), shard (one model across them), single; auto: replicas when "
+                                              "the weights fit one GPU, else shard."),
+    gpus: Optional[int] = typer.Option(None, help="Use this many of the visible GPUs (default: all)."),
+    batch_size: str = typer.Option("auto", help="lm-eval engine and generation tasks: batch size, or auto (probed "
+                                                "on GPU; 8 on CPU)."),
     max_length: Optional[int] = typer.Option(None, help="Longest context in tokens (default: the model's)."),
     remote: Optional[str] = typer.Option(None, help="Run on a rented GPU pod instead: runpod (needs RUNPOD_API_KEY "
                                                     "and GITHUB_TOKEN with gist scope; the pod is always removed).",
@@ -207,8 +243,11 @@ def eval_command(
     from moelab.eval.local import default_report_path
     from moelab.eval.report import report_view
 
+    check_number("--limit", limit, 1)
+    check_number("--max-length", max_length, 1, MAX_TOKENS)
     settings = EvalSettings(tasks=tasks.split(","), limit=limit, backend=backend, device=device, dtype=dtype,
-                            batch_size=batch_size, max_length=max_length)
+                            batch_size=batch_size, max_length=max_length, engine=engine, batch_tokens=batch_tokens,
+                            parallel=parallel, gpus=gpus)
     report_path = output or default_report_path(push or model)
     if remote is not None:
         from moelab.eval.remote import RemoteOptions
@@ -294,13 +333,13 @@ def publish(
                           highlight=False)
             out.print(plan.content, markup=False, highlight=False, soft_wrap=True)  # verbatim: no hard wraps
             return
-        gist_id = publish_gist(gist, token, public, github_api_url, repo)
+        gist_id = publish_gist(gist, clean_secret(token), public, github_api_url, repo)
         console.print(f"[green]published[/green] https://gist.github.com/{gist_id} (id saved in {gist})",
                       highlight=False)
         return
     if repo is None:
         raise MoelabError("--repo user/name is needed to publish a model folder")
-    upload = publish_model(model_dir, repo, token, private, report, dry_run, show_progress=True)
+    upload = publish_model(model_dir, repo, clean_secret(token), private, report, dry_run, show_progress=True)
     out.print(upload_view(upload))
     if dry_run:
         out.print(upload.card, markup=False, highlight=False, soft_wrap=True)  # verbatim: no hard wraps
@@ -332,6 +371,7 @@ def run(
 
     A stage whose outputs were made from the same recipe, model and settings is skipped, so a re-run after a
     failure continues where it stopped."""
+    check_number("--limit", limit, 1)
     from moelab.recipe import load_recipe
     from moelab.run import RunConfig
 
@@ -352,6 +392,7 @@ def demo(
     Evaluated on a BIG-bench subset shipped with moelab, in minutes on a CPU; writes reports/demo/."""
     from moelab.run import demo_config
 
+    check_number("--limit", limit, 1)
     run_loop(demo_config(out, limit, eval_tasks.split(",") if eval_tasks else None, device))
 
 
@@ -401,7 +442,7 @@ def parse_size(text: str) -> int:
     digits = number.rstrip("KMGTIB")
     try:
         size = int(float(digits) * units[number[len(digits):]])
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, OverflowError):
         raise MoelabError(f"cannot read size '{text}'; write it like 5GB, 500MB or 1000000") from None
     if size <= 0:
         raise MoelabError(f"size must be positive; got '{text}'")
@@ -417,11 +458,21 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     if not sys.warnoptions:
         warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        app()
-    except MoelabError as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)  # "[eval]" as is
-        sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/red]")
-        sys.exit(130)
+    with stop_signals_unwind():
+        try:
+            app()
+        except MoelabError as err:
+            from rich.text import Text
+
+            # Text, not markup: a message may hold brackets (moelab[eval], a recipe's text).
+            console.print(Text.assemble(("error:", "red"), " ", mask(str(err))), highlight=False, soft_wrap=True)
+            sys.exit(2)
+        except Interrupted as stop:
+            console.print(f"[red]interrupted[/red] ({stop.signal_name})", highlight=False)
+            sys.exit(stop.code)
+        except Exception:  # a bug: trace back, but never with a secret in it
+            import traceback
+
+            sys.stderr.write(mask(traceback.format_exc()))
+            sys.stderr.flush()
+            sys.exit(1)

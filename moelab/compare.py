@@ -6,11 +6,15 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Optional
+
+from pydantic import BaseModel, Field, ValidationError
 
 from moelab.errors import MoelabError
 from moelab.eval.domain import GROUP_PREFIX, lower_is_better
 from moelab.eval.local import model_name_of
 from moelab.eval.report import EvalReport, write_text_atomic
+from moelab.files import read_user_text
 from moelab.eval.suite import GROUPS, short_task_name, tasks_of_group
 from moelab.leaderboard import eval_reports_under, markdown_table, rich_table, save_figure_atomic
 
@@ -471,14 +475,10 @@ def routing_shares(probe: Path, model_dir: Path | None, expert_names: list[str])
 
     probe = Path(probe)
     if probe.suffix == ".json":
-        try:
-            result = json.loads(probe.read_text())
-            names, domain, usage = result["expert_names"], result["accuracy_per_expert"], result["usage"]
-        except FileNotFoundError:
+        if not probe.exists():
             raise MoelabError(f"no probe file at {probe}; write one with "
-                              "`moelab chat MODEL --probe PROMPTS.yaml --json > probe.json`") from None
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise MoelabError(f"{probe} is not the JSON of `moelab chat MODEL --probe PROMPTS --json`") from None
+                              "`moelab chat MODEL --probe PROMPTS.yaml --json > probe.json`")
+        names, domain, usage = _probe_json_shares(probe)
     else:
         if model_dir is None:
             raise MoelabError(f"{probe} holds prompts, which need the model: use `moelab compare MODEL_DIR --probe "
@@ -492,9 +492,37 @@ def routing_shares(probe: Path, model_dir: Path | None, expert_names: list[str])
     if sorted(names) != sorted(expert_names):
         raise MoelabError(f"the probe routed experts {', '.join(names)}, but the comparison has "
                           f"{', '.join(expert_names)}; probe the same MoE")
+    lacking = [n for n in names if n not in domain or n not in usage]
+    if lacking:
+        raise MoelabError(f"{probe} has no routing shares for expert(s) {', '.join(lacking)}; write it again with "
+                          "`moelab chat MODEL --probe PROMPTS --json`")
     return pd.DataFrame({"Expert": expert_names,
                          "Domain tokens routed to it": [_share(domain[n]) for n in expert_names],
                          "Share of all tokens": [_share(usage[n]) for n in expert_names]})
+
+
+Share = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+class ProbeShares(BaseModel):
+    """The part of `moelab chat --probe --json` output that compare reads."""
+    expert_names: list[str]
+    accuracy_per_expert: dict[str, Optional[Share]]
+    usage: dict[str, Share]
+
+
+def _probe_json_shares(probe: Path) -> tuple[list[str], dict, dict]:
+    """expert_names, accuracy_per_expert and usage of a `moelab chat --probe --json` file, each share in 0..1."""
+    not_probe = f"{probe} is not the JSON of `moelab chat MODEL --probe PROMPTS --json`"
+    try:
+        shares = ProbeShares.model_validate(json.loads(read_user_text(probe, "probe file")))
+    except (json.JSONDecodeError, RecursionError):
+        raise MoelabError(f"{not_probe} (not JSON)") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise MoelabError(f"{not_probe}: {'.'.join(str(p) for p in first['loc']) or 'top level'}: {first['msg']}") \
+            from None
+    return shares.expert_names, shares.accuracy_per_expert, shares.usage
 
 
 def _share(value: float | None) -> float | None:

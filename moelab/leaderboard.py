@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moelab.errors import MoelabError
-from moelab.files import temp_file_beside
-from moelab.eval.report import EvalReport, measured_groups, partial_mark, write_text_atomic
+from moelab.files import read_user_text, temp_file_beside
+from moelab.eval.report import EvalReport, measured_groups, partial_mark, unwritable, write_text_atomic
 from moelab.eval.suite import GROUPS
 
 GITHUB_API_URL = "https://api.github.com"
@@ -25,6 +25,8 @@ MOELAB_LIMITED_MARK = "**Limited run**"
 GIST_ID = re.compile(r"[0-9a-f]{20}|[0-9a-f]{32}")
 GIST_URL = re.compile(r"https?://gist\.github(?:usercontent)?\.com/(?:[\w.-]+/)?([0-9a-f]{20}|[0-9a-f]{32})\b")
 MARKDOWN_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
+# Links in the pages we write: a gist is untrusted text, and `javascript:` or `data:` links would run in a browser.
+SAFE_URL = re.compile(r"https?://[^\s\"'<>`]+", re.IGNORECASE)
 
 
 @dataclass
@@ -171,21 +173,18 @@ def eval_reports_under(folder: Path) -> list[tuple[Path, EvalReport]]:
     for path in sorted(Path(folder).rglob("*.json")):
         try:
             data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             continue
         if isinstance(data, dict) and "suite" in data and "results" in data:
-            try:
-                found.append((path, EvalReport.from_dict(data)))
-            except (KeyError, TypeError) as err:
-                raise MoelabError(f"{path} looks like an eval report but is damaged ({err}); "
-                                  "re-run `moelab eval` or move it out of the folder") from None
+            found.append((path, EvalReport.from_dict(data, f"{path} (move it out of the folder or re-run eval)")))
     return found
 
 
 def _entries_in_folder(folder: Path) -> list[LeaderboardEntry]:
     """Every eval report and AutoEval gist (*-Nous.md) under `folder`."""
     entries = [entry_from_report(report, str(path)) for path, report in eval_reports_under(folder)]
-    return entries + [parse_autoeval_gist(path.read_text(), str(path)) for path in sorted(folder.rglob("*-Nous.md"))]
+    return entries + [parse_autoeval_gist(read_user_text(path, "gist"), str(path))
+                      for path in sorted(folder.rglob("*-Nous.md"))]
 
 
 def collect_entries(refs: list[str], github_token: str | None = None,
@@ -203,7 +202,7 @@ def collect_entries(refs: list[str], github_token: str | None = None,
         elif path.is_file() and path.suffix == ".json":
             entries.append(entry_from_report(EvalReport.load(path), ref))
         elif path.is_file():
-            entries.append(parse_autoeval_gist(path.read_text(), ref))
+            entries.append(parse_autoeval_gist(read_user_text(path, "gist"), ref))
         elif gist_id := gist_id_of(ref):
             entries.append(read_gist_entry(gist_id, github_token, github_api_url or GITHUB_API_URL))
         else:
@@ -250,14 +249,15 @@ def _notes(table) -> list[str]:
 
 
 def _link(row, column: str) -> str | None:
-    """A URL cell; pandas stores a missing one as None or NaN depending on the column's dtype."""
+    """A URL cell, when it is an http(s) link; pandas stores a missing one as None or NaN depending on the dtype."""
     value = row[column]
-    return value if isinstance(value, str) and value else None
+    return value if isinstance(value, str) and SAFE_URL.fullmatch(value) else None
 
 
 def _model_markdown(row) -> str:
     model_url, source_url = _link(row, "Model URL"), _link(row, "Source URL")
-    cell = f"[{row['Model']}]({model_url})" if model_url else row["Model"]
+    name = row["Model"].replace("|", "\\|")  # a pipe would end the cell
+    cell = f"[{name}]({model_url})" if model_url else name
     if source_url:
         cell += f" [📄]({source_url})"
     return cell + (" *(limited)*" if row["Limited"] else "")
@@ -410,14 +410,18 @@ def save_figure_atomic(figure, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_file_beside(path, ".png")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_file_beside(path, ".png")
         figure.savefig(tmp, dpi=120)
         os.replace(tmp, path)
+    except OSError as err:
+        raise unwritable(path, err) from None
     finally:
         plt.close(figure)
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return path
 
 

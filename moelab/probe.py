@@ -12,6 +12,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from moelab.errors import MoelabError
+from moelab.files import read_user_text
 
 # One colour per expert, shared by the terminal view and the heatmap (matplotlib's tab10, then tab20's light shades).
 EXPERT_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -244,18 +245,19 @@ def load_labelled_prompts(path: Path, expert_names: Sequence[str]) -> list[Label
     import yaml
 
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise MoelabError(f"cannot read probe file {path}: {err.strerror}; check the path") from None
+    text = read_user_text(path, "probe file")
+    expected = "write a YAML list or JSONL of {expert: NAME, text: PROMPT}"
     try:
         if path.suffix == ".jsonl":
             rows = [(n, json.loads(line)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
         else:
-            rows = list(enumerate(yaml.safe_load(text) or [], 1))
-    except (ValueError, yaml.YAMLError) as err:
-        raise MoelabError(f"{path}: cannot parse it ({str(err).splitlines()[0]}); write a YAML list or JSONL "
-                          "of {{expert: NAME, text: PROMPT}}") from None
+            items = yaml.safe_load(text) or []
+            if not isinstance(items, list):
+                raise MoelabError(f"{path} holds a {type(items).__name__}, not a list; {expected}")
+            rows = list(enumerate(items, 1))
+    except (ValueError, yaml.YAMLError, RecursionError) as err:
+        first_line = (str(err).splitlines() or [type(err).__name__])[0]
+        raise MoelabError(f"{path}: cannot parse it ({first_line}); {expected}") from None
     where = "line" if path.suffix == ".jsonl" else "item"
     prompts = []
     for n, row in rows:

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from moelab.errors import MoelabError
+from moelab.files import read_user_text
+from moelab.redact import clean_secret, mask, secret_from_env
 
 # Text files this small are checked for the token before upload; weights are not read for it.
 TOKEN_SCAN_MAX_BYTES = 10 * 1024 * 1024
@@ -72,14 +74,15 @@ def plan_model_upload(model_dir: Path, repo: str, private: bool = False, report:
     if not meta_path.is_file() or not recipe_path.is_file():
         raise MoelabError(f"{model_dir} has no moelab.json and moelab_recipe.yaml, so it was not built by moelab; "
                           "publish a folder written by `moelab build`")
-    meta = json.loads(meta_path.read_text())
-    recipe_text = recipe_path.read_text()
+    meta = _build_metadata(meta_path)
+    recipe_text = read_user_text(recipe_path, "recipe")
     recipe = parse_recipe(recipe_text, str(recipe_path), allow_identical_experts=True)
-    old_card = (model_dir / "README.md").read_text() if (model_dir / "README.md").is_file() else ""
+    old_card = read_user_text(model_dir / "README.md", "model card") if (model_dir / "README.md").is_file() else ""
     notes, shared_deltas = build_details(old_card)
     eval_report = _load_report(report)
-    card = model_card(recipe, recipe_text, meta["architecture"], notes, shared_deltas, report=eval_report,
-                      repo_id=repo, routing=meta.get("routing"), retention=_load_retention(report))
+    card = mask(model_card(recipe, recipe_text, meta["architecture"], notes, shared_deltas, report=eval_report,
+                           repo_id=repo, routing=meta.get("routing"), retention=_load_retention(report),
+                           heal=meta.get("heal")))
     paths = [p for p in sorted(model_dir.rglob("*")) if p.is_file() and not _is_hidden(p.relative_to(model_dir))]
     files = [LocalFile(p.relative_to(model_dir).as_posix(), p.stat().st_size, p)
              for p in paths if p != model_dir / "README.md"]
@@ -88,6 +91,18 @@ def plan_model_upload(model_dir: Path, repo: str, private: bool = False, report:
     message = (f"moelab publish: {title}, a {meta['architecture']} MoE of {len(recipe.experts)} experts "
                f"(moelab {__version__})")
     return ModelUpload(repo, private, card, files, message)
+
+
+def _build_metadata(path: Path) -> dict:
+    """moelab.json, which `moelab build` writes: a JSON object naming at least the architecture."""
+    try:
+        meta = json.loads(read_user_text(path, "build metadata"))
+    except (json.JSONDecodeError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict) or not isinstance(meta.get("architecture"), str) \
+            or not isinstance(meta.get("routing"), (dict, type(None))):
+        raise MoelabError(f"{path} is damaged (not the JSON object `moelab build` writes); rebuild the model")
+    return meta
 
 
 def publish_model(model_dir: Path, repo: str, token: str | None, private: bool = False, report: Any = None,
@@ -200,9 +215,7 @@ def _sha256(file: LocalFile, data: bytes | None) -> str:
 
 
 def _refuse_files_with_token(upload: ModelUpload, token: str) -> None:
-    secret = token.encode()
-    if secret in upload.card.encode():
-        raise MoelabError("the model card would contain your Hub token; remove it from the recipe and report")
+    secret = token.encode()  # the card is masked; the files are sent as they are
     for file in upload.files:
         if file.source is not None and file.size_bytes <= TOKEN_SCAN_MAX_BYTES \
                 and not file.path_in_repo.endswith(".safetensors") and secret in file.source.read_bytes():
@@ -213,7 +226,7 @@ def _hub_token(token: str | None) -> str:
     if not token:
         from huggingface_hub import get_token
 
-        token = get_token()
+        token = clean_secret(get_token())  # remembered, so that every message masks it
     if not token:
         raise MoelabError("no Hugging Face token: pass --token, set HF_TOKEN or run `hf auth login` "
                           "(a token with write access, from https://huggingface.co/settings/tokens)")
@@ -307,7 +320,7 @@ def plan_gist(report_path: Path, public: bool = False, repo_id: str | None = Non
     report = _load_report(Path(report_path))
     return GistUpload(filename=f"{report.model_name}-Nous.md",
                       description=f"{report.model_name}: Nous suite scores (moelab eval, LLM AutoEval layout)",
-                      content=report_markdown(report, repo_id), public=public, gist_id=report.gist_id)
+                      content=mask(report_markdown(report, repo_id)), public=public, gist_id=report.gist_id)
 
 
 def publish_gist(report_path: Path, token: str | None, public: bool = False, base_url: str | None = None,
@@ -315,12 +328,10 @@ def publish_gist(report_path: Path, token: str | None, public: bool = False, bas
     """Post the report's markdown as a Gist, or update the Gist it was posted to before; returns the Gist id
     and records it in the report JSON. The token comes from the argument or GITHUB_TOKEN (gist scope)."""
     plan = plan_gist(report_path, public, repo_id)
-    token = token or os.environ.get("GITHUB_TOKEN")
+    token = clean_secret(token) or secret_from_env("GITHUB_TOKEN")
     if not token:
         raise MoelabError("no GitHub token: pass --token or set GITHUB_TOKEN (a token with the gist scope, from "
                           "https://github.com/settings/tokens)")
-    if token in plan.content:
-        raise MoelabError("the Gist text would contain your GitHub token; remove it from the report")
     import github
 
     client = github.Github(auth=github.Auth.Token(token),

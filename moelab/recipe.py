@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -15,21 +17,21 @@ GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random", "hidden_last"
 PROMPTED_GATE_MODES = ("hidden", "cheap_embed", "hidden_last", "hidden_avg", "trained")
 RANDOM_GATE_MODES = ("random", "uniform_random")
 SHARED_WEIGHT_MODES = ("base", "average", "task_arithmetic", "ties")
+HEAL_PARTS = ("shared", "router", "experts")
 
-# Output architectures. Keys are moelab ids; values are the spellings mergekit-moe accepts (it prefix-matches,
-# case-insensitively), so its recipes work unchanged.
-ARCHITECTURE_ALIASES = {
-    "mixtral": ("mixtral",),
-    "qwen2_moe": ("qwen2_moe", "qwen moe", "qwen2 moe", "qwen2moe"),
-    "qwen3_moe": ("qwen3_moe", "qwen3 moe", "qwen3moe"),
-    "deepseek_moe": ("deepseek_moe", "deepseek moe", "deepseek"),
-}
+# Output architectures: moelab id -> mergekit-moe's name, in mergekit-moe's order of preference. `architecture:`
+# is a moelab id, or (as in mergekit-moe) any case-insensitive prefix of a name, which may match several.
+ARCHITECTURE_NAMES = {"mixtral": "Mixtral", "deepseek_moe": "DeepSeek MoE", "qwen2_moe": "Qwen MoE",
+                      "qwen3_moe": "Qwen3 MoE"}
+# An unknown recipe key this close to a known one (difflib ratio) is a typo, not a key to ignore.
+NEAR_MISS_RATIO = 0.8
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16",
           "float32": "float32", "fp32": "float32", "float": "float32"}
 
 
 class Expert(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown keys are kept, then warned about (mergekit-moe ignores them); near-misses are refused before this.
+    model_config = ConfigDict(extra="allow")
 
     source_model: str
     positive_prompts: list[str] = Field(default_factory=list)
@@ -44,6 +46,8 @@ class Expert(BaseModel):
     router_data: Optional[str] = None
     # `moelab eval --tasks domains`: held-out data of this expert's domain (fields in moelab/eval/domain.py).
     eval_data: Optional[dict] = None
+    # heal: examples of this expert's domain to distill it on (default: its router_data).
+    heal_data: Optional[str] = None
 
 
 class RouterTraining(BaseModel):
@@ -59,8 +63,28 @@ class RouterTraining(BaseModel):
     holdout: float = Field(0.25, ge=0, lt=1, description="share of examples held out to measure routing")
 
 
-class Recipe(BaseModel):
+class Heal(BaseModel):
+    """Options of the heal step after the merge (see moelab/build/heal.py)."""
     model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(60, ge=1, description="optimizer steps")
+    rank: int = Field(8, ge=1, description="LoRA rank")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate (warm-up, then cosine decay)")
+    parts: list[str] = Field(default_factory=lambda: ["shared", "router"],
+                             description="what is trained: shared (LoRA on attention), router (its rows), experts "
+                                         "(LoRA on the experts' MLPs)")
+    examples: int = Field(48, ge=2, description="examples per domain, before the held-out split")
+    tokens: int = Field(64, ge=2, description="tokens per example (longer ones are cut)")
+    batch: int = Field(2, ge=1, description="examples per domain in each step")
+    holdout: float = Field(0.2, gt=0, lt=1, description="share of the examples held out to measure the heal")
+    top_k: int = Field(32, ge=1, description="teacher log-probabilities kept per token")
+    general_weight: float = Field(0.5, ge=0, description="weight of the general-data term (base as teacher)")
+    general_data: Optional[str] = None
+    load_in_4bit: bool = Field(False, description="CUDA: frozen weights in 4-bit (QLoRA) through bitsandbytes")
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="allow")
 
     base_model: str
     experts: list[Expert]
@@ -76,20 +100,31 @@ class Recipe(BaseModel):
     shared_weights: str = "base"
     density: float = 0.5
     router_training: RouterTraining = Field(default_factory=RouterTraining)
+    heal: Optional[Heal] = None
 
     def expert_names(self) -> list[str]:
         return [e.name or f"E{i}" for i, e in enumerate(self.experts)]
 
-    def output_architecture(self) -> Optional[str]:
-        """The moelab id of the requested output architecture, or None to infer it from the models."""
-        if self.architecture is None:
-            return None
-        asked = self.architecture.strip().lower()
-        for arch_id, spellings in ARCHITECTURE_ALIASES.items():
-            if any(asked.startswith(s) for s in spellings):
-                return arch_id
-        known = ", ".join(ARCHITECTURE_ALIASES)
-        raise MoelabError(f"unknown architecture '{self.architecture}': use one of {known}, or leave it out to infer it")
+    def output_architectures(self) -> tuple[str, ...]:
+        """The moelab ids `architecture` may mean, in mergekit-moe's order of preference (all when it is absent)."""
+        if not self.architecture:
+            return tuple(ARCHITECTURE_NAMES)
+        asked = self.architecture.lower()
+        if asked in ARCHITECTURE_NAMES:
+            return (asked,)
+        matches = tuple(a for a, name in ARCHITECTURE_NAMES.items() if name.lower().startswith(asked))
+        if not matches:
+            names = ", ".join(f"{a} ('{name}')" for a, name in ARCHITECTURE_NAMES.items())
+            raise MoelabError(f"unknown architecture '{self.architecture}': use one of {names} or a prefix of a "
+                              "quoted name, or leave it out to infer it")
+        return matches
+
+    def ignored_keys(self) -> list[str]:
+        """Recipe keys moelab does not know (mergekit-moe ignores them too), as dotted paths."""
+        keys = list(self.model_extra or {})
+        for group, experts in (("experts", self.experts), ("shared_experts", self.shared_experts or [])):
+            keys += [f"{group}.{i}.{key}" for i, e in enumerate(experts) for key in e.model_extra or {}]
+        return keys
 
     def torch_dtype_name(self) -> Optional[str]:
         return None if self.dtype is None else DTYPES[self.dtype.lower()]
@@ -123,6 +158,7 @@ def parse_recipe(text: str, source: str = "<recipe>", allow_identical_experts: b
         raise MoelabError(f"{source}: malformed YAML{where}: {problem}; fix the YAML syntax there") from None
     if not isinstance(data, dict):
         raise MoelabError(f"{source}: a recipe is a YAML mapping with base_model and experts; got {type(data).__name__}")
+    _check_keys(data, root, source)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
@@ -131,6 +167,27 @@ def parse_recipe(text: str, source: str = "<recipe>", allow_identical_experts: b
     recipe.allow_identical_experts = recipe.allow_identical_experts or allow_identical_experts
     _check_recipe(recipe, source)
     return recipe
+
+
+def _check_keys(data: dict, root, source: str) -> None:
+    """Refuse what is surely a mistake before validation: a key one typo away from a field, prompts as one string."""
+    mappings = [((), data, Recipe)]
+    for group in ("experts", "shared_experts"):
+        if isinstance(data.get(group), list):
+            mappings += [((group, i), e, Expert) for i, e in enumerate(data[group]) if isinstance(e, dict)]
+    for loc, mapping, model in mappings:
+        for key, value in mapping.items():
+            where = f"{source}{_line_of(root, loc + (key,))}"
+            field = ".".join(str(p) for p in loc + (key,))
+            if key in model.model_fields:
+                if key in ("positive_prompts", "negative_prompts") and isinstance(value, str):
+                    shown = value if len(value) <= 40 else value[:37] + "..."
+                    raise MoelabError(f"{where}: '{field}' is one string; write a list, one prompt per item: "
+                                      f"{key}: [{json.dumps(shown)}, \"another prompt\"]")
+                continue
+            meant = difflib.get_close_matches(str(key), list(model.model_fields), n=1, cutoff=NEAR_MISS_RATIO)
+            if meant:
+                raise MoelabError(f"{where}: unknown field '{field}'; did you mean {meant[0]}?")
 
 
 def _describe(error: dict) -> str:
@@ -174,13 +231,15 @@ def _check_recipe(recipe: Recipe, source: str) -> None:
         raise MoelabError(f"{source}: unknown gate_mode '{recipe.gate_mode}'; use one of {', '.join(GATE_MODES)}")
     if recipe.dtype is not None and recipe.dtype.lower() not in DTYPES:
         raise MoelabError(f"{source}: unknown dtype '{recipe.dtype}'; use bfloat16, float16 or float32")
-    recipe.output_architecture()
+    recipe.output_architectures()
     if recipe.shared_weights not in SHARED_WEIGHT_MODES:
         raise MoelabError(f"{source}: unknown shared_weights '{recipe.shared_weights}'; "
                           f"use one of {', '.join(SHARED_WEIGHT_MODES)}")
     if not 0 < recipe.density <= 1:
         raise MoelabError(f"{source}: density is {recipe.density}; it is the share of each delta ties keeps, "
                           "so set it in (0, 1]")
+    if recipe.heal is not None:
+        _check_heal(recipe.heal, source)
     if recipe.shared_experts is not None and len(recipe.shared_experts) > 1:
         raise MoelabError(
             f"{source}: {len(recipe.shared_experts)} shared experts given; the supported layouts take at most one "
@@ -206,3 +265,13 @@ def _check_recipe(recipe: Recipe, source: str) -> None:
             f"{source}: all experts are the same model ({recipe.experts[0].source_model}), so the MoE computes "
             "exactly what that model does and routing changes nothing until it is trained; set "
             "allow_identical_experts: true (or pass --allow-identical-experts) if that is what you want")
+
+
+def _check_heal(heal: Heal, source: str) -> None:
+    unknown = [p for p in heal.parts if p not in HEAL_PARTS]
+    if unknown or not heal.parts or len(set(heal.parts)) != len(heal.parts):
+        raise MoelabError(f"{source}: heal.parts is {heal.parts}; list each of {', '.join(HEAL_PARTS)} at most once "
+                          "(at least one)")
+    if heal.examples * heal.holdout < 1 or heal.examples * (1 - heal.holdout) < 1:
+        raise MoelabError(f"{source}: heal.examples {heal.examples} with heal.holdout {heal.holdout} leaves no "
+                          "training or no held-out example; raise examples or change holdout")

@@ -42,6 +42,7 @@ TINY_FAMILIES = {
     "mistral": "MistralConfig",
     "qwen2": "Qwen2Config",
     "qwen3": "Qwen3Config",
+    "phi3": "Phi3Config",
 }
 
 

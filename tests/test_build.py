@@ -329,7 +329,9 @@ def test_bad_models_get_a_one_line_error(tmp_path, tiny_dense):
         (recipe(qwen3, qwen3, qwen3, shared_experts=[{"source_model": str(qwen3)}]),
          ["qwen3_moe has no shared expert"]),
         (recipe(llama, llama, llama2, architecture="qwen3_moe"), ["cannot be built from llama"]),
-        (recipe(llama, llama, llama2, architecture="deepseek"), ["DeepSeek-MoE", "not supported yet"]),
+        (recipe(llama, llama, llama2, architecture="deepseek",
+                shared_experts=[{"source_model": str(llama), "positive_prompts": ["x"]}]),
+         ["deepseek_moe has an ungated shared expert"]),
     ]
     for path, fragments in cases:
         result = run_cli("build", path, tmp_path / "out", "--device", "cpu")
@@ -373,6 +375,6 @@ shared_experts:
 architecture: Qwen MoE
 """
     recipe = parse_recipe(text)
-    assert recipe.output_architecture() == "qwen2_moe"
+    assert recipe.output_architectures() == ("qwen2_moe",)
     assert recipe.experts_per_token == 2 and recipe.expert_names() == ["E0", "E1"]
     assert recipe.shared_experts[0].residual_scale == 0.1

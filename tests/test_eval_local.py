@@ -166,7 +166,8 @@ def test_interrupted_run_resumes_from_finished_tasks(full_run, tiny_model, tmp_p
     partial = output.parent / "nous.json.partial"
     tasks = "bigbench_causal_judgement,bigbench_date_understanding,bigbench_navigate"
     run = subprocess.Popen([sys.executable, "-m", "moelab", "eval", str(tiny_model), "--tasks", tasks, "--limit",
-                            str(LIMIT), "--data-dir", str(data), "--output", str(output), "--device", "cpu"],
+                            str(LIMIT), "--data-dir", str(data), "--output", str(output), "--device", "cpu",
+                            "--engine", "lm-eval"],  # task by task, so that one task is cached before the others
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            # a test run started in the background inherits an ignored SIGINT; Ctrl-C must reach it
                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -234,17 +235,20 @@ def test_bad_input_is_one_line_and_exit_2(tiny_model, nous_data, tmp_path):
 
 
 def test_a_bad_data_file_mid_run_keeps_finished_tasks(tiny_model, tmp_path):
-    bigbench = tmp_path / "bigbench"
-    bigbench.mkdir()
-    (bigbench / "navigate.jsonl").symlink_to(BIGBENCH_DIR / "navigate.jsonl")
-    (bigbench / "snarks.jsonl").write_text('{"question": "a row in the wrong schema"}\n')
+    # BIG-bench rows are checked before the model loads; lm-eval's own tasks read theirs only when they run.
+    (tmp_path / "agieval").mkdir()
+    (tmp_path / "agieval" / "aqua-rat.jsonl").symlink_to(FIXTURES / "agieval" / "aqua-rat.jsonl")
+    (tmp_path / "truthfulqa").mkdir()
+    (tmp_path / "truthfulqa" / "truthfulqa_mc.jsonl").write_text('{"question": "a row in the wrong schema"}\n')
     output = tmp_path / "out" / "nous.json"
-    done = moelab_eval(tiny_model, "--tasks", "bigbench_navigate,bigbench_snarks", "--limit", 1, "--data-dir",
+    done = moelab_eval(tiny_model, "--tasks", "agieval_aqua_rat,truthfulqa_mc", "--limit", 1, "--data-dir",
                        tmp_path, "--output", output, "--device", "cpu")
     line = one_line_error(done)
-    assert "task bigbench_snarks" in line and "snarks.jsonl does not read as its dataset's schema" in line
+    assert "task truthfulqa_mc" in line and "truthfulqa_mc.jsonl does not read as its dataset's schema" in line
     assert not output.exists()
-    assert [p.name for p in (output.parent / "nous.json.partial").iterdir()] == ["bigbench_navigate.json"]
+    # aqua-rat's result, and the requests scored for it (the moelab engine's request cache)
+    assert sorted(p.name for p in (output.parent / "nous.json.partial").iterdir()) == ["agieval_aqua_rat.json",
+                                                                                        "requests.jsonl"]
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -9,10 +10,12 @@ from pathlib import Path
 from typing import Optional
 
 from moelab.build.merge import DROPPED_DELTA_WARNING, SharedWeights
-from moelab.build.layouts import (MATCHING_KEYS, MoeLayout, choose_layout, dense_mlp_names, expert_tensor_names,
-                                  is_dense_mlp, moe_config_dict)
+from moelab.build.layouts import (DENSE_FAMILIES, MATCHING_KEYS, MoeLayout, choose_layout, dense_mlp_sources,
+                                  expert_tensor_names, input_family, is_dense_mlp, llama_cpp_warnings, moe_config_dict,
+                                  split_tensor)
 from moelab.build.sources import resolve_model
-from moelab.build.tensors import SAFETENSORS_DTYPES, PlannedTensor, SafetensorsFolder, write_sharded
+from moelab.build.tensors import (SAFETENSORS_DTYPES, PlannedTensor, SafetensorsFolder, SourceTensor, bound_malloc,
+                                  write_sharded)
 from moelab.errors import MoelabError
 from moelab.files import temp_dir_beside
 from moelab.recipe import PROMPTED_GATE_MODES, Expert, Recipe, recipe_hash
@@ -44,6 +47,7 @@ class BuildResult:
     warnings: list[str] = field(default_factory=list)
     shared_deltas: dict[str, float] = field(default_factory=dict)  # expert -> relative change of shared weights
     routing: Optional[object] = None  # RouterReport of gate_mode trained: held-out routing, hidden vs trained
+    heal: Optional[object] = None  # HealReport of the recipe's heal step: held-out KL and NLL before/after
 
 
 @dataclass
@@ -69,56 +73,71 @@ def build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOptions
     for role, model in [(f"expert {i} ({recipe.expert_names()[i]})", m) for i, m in enumerate(experts)] + \
             [("shared expert", m) for m in shared]:
         _check_compatible(base, model, role)
-    layout = choose_layout(recipe.output_architecture(), base.config.get("model_type", "?"), bool(shared))
+    family, family_warnings = input_family(base.config)
+    shared_spec = (recipe.shared_experts or [None])[0]
+    layout = choose_layout(recipe.output_architectures(), family.model_type, bool(shared),
+                           bool(shared_spec and (shared_spec.positive_prompts or shared_spec.negative_prompts)),
+                           recipe.architecture)
     out_dtype = recipe.torch_dtype_name() or _config_dtype(base.config)
 
-    from moelab.build.gates import compute_gates, similar_expert_pairs
+    from moelab.build.gates import RouterRows, similar_expert_pairs
 
     shared_weights = _shared_weights(recipe, base, experts + shared)
     shared_weights.check_shapes()
-    shared_deltas = shared_weights.relative_deltas()
-    warnings = [
-        f"expert {name} changed the shared (non-MLP) weights by {delta:.1%} of their norm, and shared_weights: "
-        "base drops that; use shared_weights: task_arithmetic to keep it"
-        for name, delta in shared_deltas.items()
-        if recipe.shared_weights == "base" and delta > DROPPED_DELTA_WARNING]
+    warnings = [f"recipe key '{key}' is not used by moelab (mergekit-moe ignores it too); it is ignored"
+                for key in recipe.ignored_keys()]
+    warnings += family_warnings + llama_cpp_warnings(layout, len(experts), bool(shared))
     if shared_weights.merged and (options.load_in_4bit or options.load_in_8bit):
         raise MoelabError(f"shared_weights: {recipe.shared_weights} cannot run the hidden-state pass in 4/8-bit "
                           "yet; drop --load-in-4bit/--load-in-8bit")
 
     gated_experts: list[Expert] = list(recipe.experts) + (list(recipe.shared_experts) if shared else [])
     num_layers, hidden = base.config["num_hidden_layers"], base.config["hidden_size"]
-    gates, router_report = compute_gates(recipe, gated_experts, base.folder, shared_weights, num_layers, hidden, seed,
-                                         options.device, options.load_in_4bit, options.load_in_8bit, recipe_dir,
-                                         options.show_progress)
-    if shared and not recipe.shared_experts[0].positive_prompts:
-        gates[:, len(experts):] = 0  # documented in gates.py: an unprompted shared expert always gets sigmoid(0)
-    if recipe.gate_mode in PROMPTED_GATE_MODES:
-        for a, b, cos in similar_expert_pairs(gates[:, :len(experts)], recipe.expert_names()):
-            warnings.append(f"experts {a} and {b} get nearly the same router rows (median cosine {cos:.3f}); "
-                            "give them more distinct prompts, or routing between them is arbitrary")
+    bound_malloc()
+    routers = RouterRows(recipe, gated_experts, base, shared_weights, num_layers, hidden, seed, options.device,
+                         options.load_in_4bit, options.load_in_8bit, recipe_dir, options.show_progress,
+                         zero_shared_gate=bool(shared) and not recipe.shared_experts[0].positive_prompts)
 
-    plan = plan_tensors(layout, base, shared_weights, experts, shared, recipe, gates, out_dtype, seed)
+    plan = plan_tensors(layout, base, shared_weights, experts, shared, recipe, routers, out_dtype, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(out)
     try:
         shard_names = _write_with_progress(plan, tmp, options)
+        shared_deltas = shared_weights.relative_deltas()
+        warnings += [
+            f"expert {name} changed the shared (non-MLP) weights by {delta:.1%} of their norm, and shared_weights: "
+            "base drops that; use shared_weights: task_arithmetic to keep it"
+            for name, delta in shared_deltas.items()
+            if recipe.shared_weights == "base" and delta > DROPPED_DELTA_WARNING]
+        if recipe.gate_mode in PROMPTED_GATE_MODES:
+            for a, b, cos in similar_expert_pairs(routers.gates[:, :len(experts)], recipe.expert_names()):
+                warnings.append(f"experts {a} and {b} get nearly the same router rows (median cosine {cos:.3f}); "
+                                "give them more distinct prompts, or routing between them is arbitrary")
         config = moe_config_dict(layout, base.config, len(experts), recipe.experts_per_token, bool(shared), out_dtype)
         _write_config(layout, config, tmp)
         _copy_tokenizer(base.folder, tmp)
-        routing = router_report.to_json() if router_report else None
-        _write_metadata(tmp, out.name, recipe, recipe_text, layout, routing)
+        heal = _heal(tmp, layout, recipe, base, experts, seed, options, recipe_dir) if recipe.heal else None
+        routing = routers.report.to_json() if routers.report else None
+        _write_metadata(tmp, out.name, recipe, recipe_text, layout, routing, heal and heal.to_json())
         from moelab.card import model_card
 
-        (tmp / "README.md").write_text(
-            model_card(recipe, recipe_text, layout.arch_id, warnings, shared_deltas, routing=routing))
+        (tmp / "README.md").write_text(model_card(recipe, recipe_text, layout.arch_id, warnings, shared_deltas,
+                                                  routing=routing, heal=heal and heal.to_json()))
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BuildResult(out=out, architecture=layout.arch_id, num_experts=len(experts), num_shards=len(shard_names),
                        total_bytes=sum(t.nbytes for t in plan), warnings=warnings, shared_deltas=shared_deltas,
-                       routing=router_report)
+                       routing=routers.report, heal=heal)
+
+
+def _heal(folder: Path, layout: MoeLayout, recipe: Recipe, base: ResolvedModel, experts: list[ResolvedModel],
+          seed: int, options: BuildOptions, recipe_dir: Optional[Path]):
+    from moelab.build.heal import HealSettings, heal_checkpoint
+
+    return heal_checkpoint(folder, layout, recipe, base.folder, [e.folder for e in experts],
+                           HealSettings(options.device, seed, options.show_progress), recipe_dir)
 
 
 def _shared_weights(recipe: Recipe, base: ResolvedModel, models: list[ResolvedModel]) -> SharedWeights:
@@ -170,47 +189,68 @@ def _config_dtype(config: dict) -> str:
 
 
 def plan_tensors(layout: MoeLayout, base: ResolvedModel, shared_weights: SharedWeights, experts: list[ResolvedModel],
-                 shared: list[ResolvedModel], recipe: Recipe, gates, out_dtype: str, seed: int) -> list[PlannedTensor]:
-    """Every output tensor in write order: the shared (non-MLP) tensors, then per layer the experts and router."""
+                 shared: list[ResolvedModel], recipe: Recipe, routers, out_dtype: str, seed: int) -> list[PlannedTensor]:
+    """Every output tensor in write order: the shared tensors outside the layers, then layer by layer its shared
+    tensors, experts and router, so that a single streaming pass over the sources both writes and routes."""
     import torch
 
     dtype = getattr(torch, out_dtype)
     code = SAFETENSORS_DTYPES[out_dtype]
     num_layers, hidden = base.config["num_hidden_layers"], base.config["hidden_size"]
     num_experts = len(experts)
+    family = DENSE_FAMILIES[base.config["model_type"]]
     plan: list[PlannedTensor] = []
 
-    def from_source(source: SafetensorsFolder, name: str, out_name: str, spec: Optional[Expert] = None,
-                    role: str = "", salt: int = 0):
-        shape, _ = source.info(name)
+    def from_source(source: SafetensorsFolder, name_rows: tuple[str, Optional[tuple[int, int]]], out_name: str,
+                    spec: Expert, role: str, salt: int):
+        name, rows = name_rows
 
-        def produce():
-            tensor = source.get(name)
-            if spec is not None:
-                tensor = _noise_and_scale(tensor, spec, role, seed, salt)
-            return tensor.to(dtype)
-        plan.append(PlannedTensor(out_name, shape, code, produce))
+        def produce(tensor):
+            return _noise_and_scale(_take_rows(tensor, rows), spec, role, seed, salt).to(dtype)
+        plan.append(PlannedTensor(out_name, _rows_shape(source.info(name)[0], rows), code, produce,
+                                  [SourceTensor(source, name)]))
 
+    last_merged: dict[str, object] = {}  # a fused tensor (Phi-3's qkv_proj) is merged once for all its parts
+
+    def merged_shared(name: str):
+        def produce(rows, *tensors):
+            if name not in last_merged:
+                last_merged.clear()
+                last_merged[name] = shared_weights.merge(name, *tensors)
+                routers.offer(name, last_merged[name])
+            return _take_rows(last_merged[name], rows).to(dtype)
+        shape = base.tensors.info(name)[0]
+        for out_name, rows in split_tensor(family, base.config, name):
+            plan.append(PlannedTensor(out_name, _rows_shape(shape, rows), code, functools.partial(produce, rows),
+                                      shared_weights.reads(name)))
+
+    by_layer: dict[Optional[int], list[str]] = {}
     for name in shared_weights.names:
-        plan.append(PlannedTensor(name, base.tensors.info(name)[0], code,
-                                  lambda name=name: shared_weights.get(name).to(dtype)))
+        by_layer.setdefault(_layer_of(name), []).append(name)
+    for name in by_layer.pop(None, []):
+        merged_shared(name)
     for layer in range(num_layers):
-        dense = dense_mlp_names(layer)
+        for name in by_layer.get(layer, []):
+            merged_shared(name)
+        dense = dense_mlp_sources(family, base.config, layer)
         for e, (model, spec) in enumerate(zip(experts, recipe.experts)):
             for role, out_name in expert_tensor_names(layout, layer, e).items():
                 from_source(model.tensors, dense[role], out_name, spec, role, salt=layer * 1000 + e)
         plan.append(PlannedTensor(layout.router.format(layer=layer), (num_experts, hidden), code,
-                                  lambda layer=layer: gates[layer, :num_experts].contiguous().to(dtype)))
-        if layout.shared_expert is None:
+                                  lambda *mlp, layer=layer: routers.rows(layer, *mlp)[:num_experts].contiguous()
+                                  .to(dtype), routers.layer_reads(layer)))
+        if layout.shared_expert is None or not (shared or layout.empty_shared_slot):
             continue
         shared_names = {role: n.format(layer=layer) for role, n in layout.shared_expert.items()}
-        gate_name = layout.shared_expert_gate.format(layer=layer)
+        gate_name = layout.shared_expert_gate and layout.shared_expert_gate.format(layer=layer)
         if shared:
             for role, out_name in shared_names.items():
                 from_source(shared[0].tensors, dense[role], out_name, recipe.shared_experts[0], role,
                             salt=layer * 1000 + 999)
-            plan.append(PlannedTensor(gate_name, (1, hidden), code,
-                                      lambda layer=layer: gates[layer, num_experts:].contiguous().to(dtype)))
+            if gate_name:
+                plan.append(PlannedTensor(gate_name, (1, hidden), code,
+                                          lambda layer=layer: routers.gates[layer, num_experts:].contiguous()
+                                          .to(dtype)))
         else:
             # Qwen2-MoE always has a shared-expert slot: an empty one (size 0) adds nothing.
             for role, out_name in shared_names.items():
@@ -218,6 +258,19 @@ def plan_tensors(layout: MoeLayout, base: ResolvedModel, shared_weights: SharedW
                 plan.append(PlannedTensor(out_name, shape, code, lambda shape=shape: torch.zeros(shape, dtype=dtype)))
             plan.append(PlannedTensor(gate_name, (1, hidden), code, lambda: torch.zeros(1, hidden, dtype=dtype)))
     return plan
+
+
+def _layer_of(name: str) -> Optional[int]:
+    parts = name.split(".")
+    return int(parts[2]) if name.startswith("model.layers.") and parts[2].isdigit() else None
+
+
+def _rows_shape(shape: tuple[int, ...], rows: Optional[tuple[int, int]]) -> tuple[int, ...]:
+    return shape if rows is None else (rows[1] - rows[0],) + tuple(shape[1:])
+
+
+def _take_rows(tensor, rows: Optional[tuple[int, int]]):
+    return tensor if rows is None else tensor[rows[0]:rows[1]].contiguous()
 
 
 def _noise_and_scale(tensor, spec: Expert, role: str, seed: int, salt: int):
@@ -234,10 +287,11 @@ def _noise_and_scale(tensor, spec: Expert, role: str, seed: int, salt: int):
 
 
 def _write_with_progress(plan: list[PlannedTensor], folder: Path, options: BuildOptions) -> list[str]:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
 
     total = sum(t.nbytes for t in plan)
-    with Progress(TextColumn("writing shards"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+    with Progress(TextColumn("building"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
                   disable=not options.show_progress, transient=True) as progress:
         task = progress.add_task("write", total=total)
         return write_sharded(plan, folder, options.shard_bytes,
@@ -247,6 +301,9 @@ def _write_with_progress(plan: list[PlannedTensor], folder: Path, options: Build
 def _write_config(layout: MoeLayout, config: dict, folder: Path) -> None:
     import transformers
 
+    if layout.config_class is None:
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return
     getattr(transformers, layout.config_class)(**config).save_pretrained(folder)
 
 
@@ -257,7 +314,7 @@ def _copy_tokenizer(base_dir: Path, folder: Path) -> None:
 
 
 def _write_metadata(folder: Path, folder_name: str, recipe: Recipe, recipe_text: str, layout: MoeLayout,
-                    routing: Optional[dict]) -> None:
+                    routing: Optional[dict], heal: Optional[dict] = None) -> None:
     from moelab import __version__
 
     (folder / "moelab_recipe.yaml").write_text(recipe_text)
@@ -273,6 +330,7 @@ def _write_metadata(folder: Path, folder_name: str, recipe: Recipe, recipe_text:
                           if recipe.shared_experts else None),
         "recipe_sha256": recipe_hash(recipe_text),
         "routing": routing,
+        "heal": heal,
     }
     (folder / "moelab.json").write_text(json.dumps(meta, indent=2) + "\n")
 

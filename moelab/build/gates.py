@@ -25,10 +25,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
+from moelab.build.layouts import is_dense_mlp
+from moelab.build.layer_pass import EMBEDDING, LayerPass, layer_prefix, prompt_batches
+
 from moelab.errors import MoelabError
 from moelab.recipe import Expert, Recipe
 
-PROMPT_BATCH = 32
 EPS = 1e-8
 
 
@@ -72,13 +74,15 @@ def cheap_embed_gates(embedding, tokenizer, experts: Sequence[Expert], num_layer
     return torch.stack(rows).unsqueeze(0).expand(num_layers, -1, -1).clone()
 
 
-def load_gate_model(base_dir: Path, device: str, load_in_4bit: bool, load_in_8bit: bool):
-    """The base model for the hidden-state pass, in bf16 (or bitsandbytes 4/8-bit on CUDA)."""
+def gate_pass_model(base_dir: Path, device: str, load_in_4bit: bool, load_in_8bit: bool):
+    """(model, streamed) for the hidden-state pass: the base's modules without weights, which the pass loads layer
+    by layer; or, for bitsandbytes 4/8-bit on CUDA, the whole quantized base model."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from moelab.build.layer_pass import skeleton_model
+
     device = resolve_device(device)
-    kwargs = {}
     if load_in_4bit or load_in_8bit:
         if device != "cuda":
             raise MoelabError("--load-in-4bit/--load-in-8bit need a CUDA GPU (bitsandbytes); drop the flag on CPU")
@@ -87,40 +91,12 @@ def load_gate_model(base_dir: Path, device: str, load_in_4bit: bool, load_in_8bi
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise MoelabError("4/8-bit loading needs bitsandbytes: pip install 'moelab[quant]'") from None
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16, device_map=device, **kwargs)
-    model.eval()
-    if device == "cpu":
-        _compute_layers_in_float32(model)
-    return model
-
-
-def _compute_layers_in_float32(model) -> None:
-    """Keep bf16 weights but run each decoder layer in float32, cast up for its forward and back after.
-
-    CPUs without bf16 matrix units run bf16 matmuls several times slower than float32, and a whole float32 copy
-    would double the memory of the pass; one float32 layer at a time costs neither.
-    """
-    import torch
-
-    def cast(value, dtype):
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value.to(dtype)
-        if isinstance(value, tuple):
-            return tuple(cast(v, dtype) for v in value)
-        return value
-
-    def before(layer, args, kwargs):
-        layer.float()
-        return cast(args, torch.float32), {k: cast(v, torch.float32) for k, v in kwargs.items()}
-
-    def after(layer, _args, output):
-        layer.to(torch.bfloat16)
-        return cast(output, torch.bfloat16)
-
-    for layer in model.model.layers:
-        layer.register_forward_pre_hook(before, with_kwargs=True)
-        layer.register_forward_hook(after)
+        model = AutoModelForCausalLM.from_pretrained(
+            base_dir, dtype=torch.bfloat16, device_map=device,
+            quantization_config=BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit))
+        model.eval()
+        return model, False
+    return skeleton_model(base_dir, device), True
 
 
 def resolve_device(device: str) -> str:
@@ -133,54 +109,6 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MoelabError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
     return device
-
-
-def layer_states(model, token_lists: list[list[int]], mode: str):
-    """Per batch of prompts: (states, mask), with states[l] of shape (B, T, H) on the CPU in float32.
-
-    mode "hidden": the router's input at layer l (post-attention norm output); else the residual stream entering
-    layer l. Prompts are right-padded and `mask` marks real tokens.
-    """
-    import torch
-
-    layers = model.model.layers
-    captured: dict[int, torch.Tensor] = {}
-    hooks = []
-    if mode == "hidden":
-        for index, layer in enumerate(layers):
-            def keep(_module, _inputs, output, index=index):
-                captured[index] = output
-            hooks.append(layer.post_attention_layernorm.register_forward_hook(keep))
-    device = next(model.parameters()).device
-    try:
-        for start in range(0, len(token_lists), PROMPT_BATCH):
-            batch = token_lists[start:start + PROMPT_BATCH]
-            width = max(len(seq) for seq in batch)
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, seq in enumerate(batch):
-                ids[row, :len(seq)] = torch.tensor(seq)
-                mask[row, :len(seq)] = 1
-            with torch.no_grad():  # the decoder alone: the LM head's logits are not needed
-                out = model.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                  output_hidden_states=mode != "hidden")
-            states = ([captured[i] for i in range(len(layers))] if mode == "hidden"
-                      else list(out.hidden_states[:len(layers)]))
-            yield [s.float().cpu() for s in states], mask
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
-def prompt_vectors(model, token_lists: list[list[int]], mode: str, skip_first: bool):
-    """Mean over prompts of v_l(p) (see the module docstring): a float32 tensor (L, H)."""
-    import torch
-
-    total = None
-    for states, mask in layer_states(model, token_lists, mode):
-        batch_sum = torch.stack([_pool(s, mask, mode, skip_first) for s in states]).sum(dim=1)  # (L, H)
-        total = batch_sum if total is None else total + batch_sum
-    return total / len(token_lists)
 
 
 def _pool(states, mask, mode: str, skip_first: bool):
@@ -197,72 +125,6 @@ def _pool(states, mask, mode: str, skip_first: bool):
     return (states * weights.unsqueeze(-1)).sum(dim=1) / weights.sum(dim=1, keepdim=True)
 
 
-def hidden_gates(model, tokenizer, experts: Sequence[Expert], mode: str):
-    import torch
-
-    skip_first = tokenizer.bos_token_id is not None
-    num_layers, hidden = len(model.model.layers), model.config.hidden_size
-    rows = []
-    for expert in experts:
-        if not expert.positive_prompts:
-            rows.append(torch.zeros(num_layers, hidden))
-            continue
-        u = prompt_vectors(model, encode_prompts(tokenizer, expert.positive_prompts), mode, skip_first)
-        if expert.negative_prompts:
-            u = u - prompt_vectors(model, encode_prompts(tokenizer, expert.negative_prompts), mode, skip_first)
-        rows.append(_normalize(u))
-    return torch.stack(rows, dim=1)
-
-
-def compute_gates(recipe: Recipe, experts: Sequence[Expert], base_dir: Path, shared_weights, num_layers: int,
-                  hidden: int, seed: int, device: str = "auto", load_in_4bit: bool = False,
-                  load_in_8bit: bool = False, recipe_dir: Optional[Path] = None, show_progress: bool = True):
-    """(G (L, E, H) float32, RouterReport or None) for `experts` (routed, then a gated shared expert).
-
-    Prompts run through the base model with the MoE's own shared weights (`shared_weights`, a SharedWeights),
-    since those are what the router's inputs will come from. gate_mode trained fits the routed experts' rows
-    (moelab/build/router_training.py), starting from the hidden ones.
-    """
-    gate_mode = recipe.gate_mode
-    import gc
-
-    from transformers import AutoTokenizer
-
-    if gate_mode in ("random", "uniform_random"):
-        return random_gates(num_layers, len(experts), hidden, seed, uniform=gate_mode == "uniform_random"), None
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    if gate_mode == "cheap_embed":
-        embedding = shared_weights.get("model.embed_tokens.weight")
-        return cheap_embed_gates(embedding, tokenizer, experts, num_layers), None
-    model = load_gate_model(base_dir, device, load_in_4bit, load_in_8bit)
-    if shared_weights.merged:
-        _load_shared_weights(model, shared_weights)
-    try:
-        gates = hidden_gates(model, tokenizer, experts, "hidden" if gate_mode == "trained" else gate_mode)
-        if gate_mode != "trained":
-            return gates, None
-        from moelab.build.router_training import trained_gates
-
-        routed = len(recipe.experts)
-        fitted, report = trained_gates(model, tokenizer, recipe.experts, recipe.expert_names(), gates[:, :routed],
-                                       recipe.router_training, seed, recipe_dir, show_progress)
-        gates[:, :routed] = fitted
-        return gates, report
-    finally:
-        del model
-        gc.collect()
-
-
-def _load_shared_weights(model, shared_weights) -> None:
-    import torch
-
-    names = set(shared_weights.names)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in names:
-                param.copy_(shared_weights.get(name).to(param.dtype))
-
-
 def similar_expert_pairs(gates, names: Sequence[str], threshold: float = 0.995) -> list[tuple[str, str, float]]:
     """Pairs of experts whose router rows point the same way in most layers (routing between them is arbitrary)."""
     import torch
@@ -271,3 +133,139 @@ def similar_expert_pairs(gates, names: Sequence[str], threshold: float = 0.995) 
     cos = torch.einsum("leh,lfh->lef", unit, unit).median(dim=0).values
     return [(names[i], names[j], float(cos[i, j]))
             for i in range(len(names)) for j in range(i + 1, len(names)) if cos[i, j] > threshold]
+
+
+class RouterRows:
+    """Every layer's router rows (E x H: routed experts, then a gated shared expert), as the build streams.
+
+    random and uniform_random rows come from the seed, trained ones from a pass before writing (its fit needs
+    every layer). cheap_embed takes the merged input embedding when the writer offers it. The hidden modes run
+    the LayerPass: the writer offers each layer's merged shared tensors, rows(l) gets the base's dense MLP of
+    layer l, and both feed layer l of the pass, which then gives layer l's rows. `gates` (L, E, H) fills as rows
+    are asked for.
+    """
+
+    def __init__(self, recipe: Recipe, experts: Sequence[Expert], base, shared_weights, num_layers: int,
+                 hidden: int, seed: int, device: str = "auto", load_in_4bit: bool = False, load_in_8bit: bool = False,
+                 recipe_dir: Optional[Path] = None, show_progress: bool = True, zero_shared_gate: bool = False):
+        import torch
+
+        self.mode = recipe.gate_mode
+        self.experts, self.base, self.num_layers = list(experts), base, num_layers
+        self.zero_shared_gate = zero_shared_gate  # documented above: an unprompted shared expert gets sigmoid(0)
+        self.routed = len(recipe.experts)
+        self.gates = torch.zeros(num_layers, len(experts), hidden)
+        self.report = None
+        self.wanted: set[str] = set()    # shared tensors the writer offers
+        self._offered: dict[str, object] = {}
+        self._pass: Optional[LayerPass] = None
+        self._known = False              # every row is known before writing
+        if self.mode in ("random", "uniform_random"):
+            self.gates = random_gates(num_layers, len(experts), hidden, seed, uniform=self.mode == "uniform_random")
+            self._known = True
+            return
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(base.folder)
+        if self.mode == "cheap_embed":
+            self.wanted = {EMBEDDING}
+            return
+        model, streamed = gate_pass_model(base.folder, device, load_in_4bit, load_in_8bit)
+        self._groups = []  # per expert: (positive group, negative group or None), None without prompts
+        token_groups = []
+        for expert in self.experts:
+            if not expert.positive_prompts:
+                self._groups.append(None)
+                continue
+            token_groups.append(encode_prompts(self.tokenizer, expert.positive_prompts))
+            positive = len(token_groups) - 1
+            if expert.negative_prompts:
+                token_groups.append(encode_prompts(self.tokenizer, expert.negative_prompts))
+            self._groups.append((positive, len(token_groups) - 1 if expert.negative_prompts else None))
+        self._group_sizes = [len(g) for g in token_groups]
+        self._hidden_groups = len(token_groups)
+        training = None
+        if self.mode == "trained":
+            from moelab.build.router_training import training_tokens
+
+            training = training_tokens(self.tokenizer, recipe.experts, recipe.router_training, seed, recipe_dir)
+            token_groups += training.groups
+        self._pass = LayerPass(model, prompt_batches(token_groups), resolve_device(device), streamed)
+        self._streamed = streamed
+        if training is None:
+            if streamed:
+                self.wanted = {EMBEDDING} | {n for n in shared_weights.names if n.startswith("model.layers.")}
+            return
+        per_layer = []
+        self._pass.embed(shared_weights.get(EMBEDDING) if streamed else None)
+        for layer in range(num_layers):
+            weights = None
+            if streamed:
+                names = [n for n in shared_weights.names if n.startswith(layer_prefix(layer))]
+                weights = {n: shared_weights.get(n) for n in names}
+                weights.update({n: base.tensors.get(n) for n in self.dense_mlp(layer)})
+            states = self._advance(layer, weights)
+            first = sum(1 for b in self._pass.batches if b.group < self._hidden_groups)
+            per_layer.append(training.features(states[first:]))
+        self._pass = None
+        from moelab.build.router_training import trained_gates
+
+        fitted, self.report = trained_gates(training, per_layer, recipe.expert_names(), self.gates[:, :self.routed],
+                                            recipe.router_training, show_progress)
+        self.gates[:, :self.routed] = fitted
+        self._known = True
+
+    def dense_mlp(self, layer: int) -> list[str]:
+        """The base's own MLP tensors of `layer` (fused ones, like Phi-3's gate_up_proj, as they are stored)."""
+        return [n for n in self.base.tensors.names() if n.startswith(layer_prefix(layer)) and is_dense_mlp(n)]
+
+    def layer_reads(self, layer: int) -> list:
+        """The base tensors that rows(layer) reads: its dense MLP when the pass streams."""
+        from moelab.build.tensors import SourceTensor
+
+        if self._pass is None or not self._streamed:
+            return []
+        return [SourceTensor(self.base.tensors, name) for name in self.dense_mlp(layer)]
+
+    def offer(self, name: str, merged) -> None:
+        if name in self.wanted:
+            self._offered[name] = merged
+
+    def rows(self, layer: int, *mlp):
+        """Layer `layer`'s rows (E, H) float32; layers are asked for in order. `mlp`: the tensors of layer_reads."""
+        if self.mode == "cheap_embed" and not self._known:
+            embedding = self._offered.pop(EMBEDDING)
+            self.gates = cheap_embed_gates(embedding, self.tokenizer, self.experts, self.num_layers)
+            self._known = True
+        if not self._known:
+            if layer == 0:
+                self._pass.embed(self._offered.pop(EMBEDDING, None))
+            weights = None
+            if self._streamed:
+                weights = {n: self._offered.pop(n) for n in list(self._offered) if n.startswith(layer_prefix(layer))}
+                weights.update(zip(self.dense_mlp(layer), mlp))
+            self._advance(layer, weights)
+        if self.zero_shared_gate:
+            self.gates[layer, self.routed:] = 0
+        return self.gates[layer]
+
+    def _advance(self, layer: int, weights):
+        """Run the pass through `layer` and set its hidden-mode rows; returns the per-batch states."""
+        states = self._pass.run_layer(weights, router_input=self.mode in ("hidden", "trained"))
+        pool_mode = "hidden" if self.mode == "trained" else self.mode
+        skip_first = self.tokenizer.bos_token_id is not None
+        totals: list = [None] * self._hidden_groups
+        for batch, s in zip(self._pass.batches, states):
+            if batch.group >= self._hidden_groups:
+                continue
+            pooled = _pool(s, batch.mask, pool_mode, skip_first).sum(dim=0)
+            totals[batch.group] = pooled if totals[batch.group] is None else totals[batch.group] + pooled
+        for e, groups in enumerate(self._groups):
+            if groups is None:
+                continue
+            positive, negative = groups
+            u = totals[positive] / self._group_sizes[positive]
+            if negative is not None:
+                u = u - totals[negative] / self._group_sizes[negative]
+            self.gates[layer, e] = _normalize(u)
+        return states

@@ -53,7 +53,11 @@ def _trim(delta, density: float):
 
 
 class SharedWeights:
-    """The MoE's non-expert tensors under a shared_weights mode, read and merged one tensor at a time."""
+    """The MoE's non-expert tensors under a shared_weights mode, merged one tensor at a time.
+
+    Each merge also measures how far every expert moved that tensor from the base (relative_deltas), so both come
+    from the same single read of the sources.
+    """
 
     def __init__(self, mode: str, base, contributors: Sequence[tuple[str, object, float]], density: float,
                  names: Sequence[str]):
@@ -62,16 +66,42 @@ class SharedWeights:
         self.contributors = contributors  # (expert name, SafetensorsFolder, weight), each distinct model once
         self.density = density
         self.names = list(names)
+        self._delta_sq: dict[str, dict[str, tuple[float, float]]] = {}  # tensor -> expert -> (|e-b|^2, |b|^2)
 
     @property
     def merged(self) -> bool:
         return self.mode != "base" and bool(self.contributors)
 
-    def get(self, name: str):
+    def _measured(self, name: str) -> list[tuple[str, object, float]]:
+        """The contributors whose tensor `name` can be compared with the base's."""
+        shape = self.base.info(name)[0]
+        return [c for c in self.contributors if name in c[1] and c[1].info(name)[0] == shape]
+
+    def reads(self, name: str) -> list:
+        """The source tensors that merge() needs for `name`: the base's, then each measured contributor's."""
+        from moelab.build.tensors import SourceTensor
+
+        return [SourceTensor(self.base, name)] + [SourceTensor(c, name) for _, c, _ in self._measured(name)]
+
+    def merge(self, name: str, base, *contributed):
+        """The shared tensor `name` from the tensors of reads(name); records the experts' deltas of it."""
+        import torch
+
+        measured = self._measured(name)
+        base_norm_sq = float(torch.linalg.vector_norm(base, dtype=torch.float32)) ** 2
+        deltas = {}
+        for (expert, _, _), tensor in zip(measured, contributed):
+            # Differences of nearby floats are exact in their own dtype; the norm accumulates in float32.
+            delta = tensor.to(base.dtype) - base
+            deltas[expert] = (float(torch.linalg.vector_norm(delta, dtype=torch.float32)) ** 2, base_norm_sq)
+        self._delta_sq[name] = deltas
         if not self.merged:
-            return self.base.get(name)
-        return merge_shared(self.mode, self.base.get(name), [c.get(name) for _, c, _ in self.contributors],
-                            [w for _, _, w in self.contributors], self.density)
+            return base
+        return merge_shared(self.mode, base, list(contributed), [w for _, _, w in measured], self.density)
+
+    def get(self, name: str):
+        """merge() of `name`, reading its sources here."""
+        return self.merge(name, *[read.source.get(read.name) for read in self.reads(name)])
 
     def check_shapes(self) -> None:
         for expert, tensors, _ in self.contributors:
@@ -86,18 +116,11 @@ class SharedWeights:
                         "(use shared_weights: base)")
 
     def relative_deltas(self) -> dict[str, float]:
-        """Per expert: ||expert - base|| / ||base|| over the shared tensors they both have with equal shapes."""
-        import torch
-
+        """Per expert: ||expert - base|| / ||base|| over the shared tensors merged so far that both have."""
         delta_sq = {expert: 0.0 for expert, _, _ in self.contributors}
         base_sq = dict(delta_sq)
-        for name in self.names:
-            base = self.base.get(name)
-            base_norm_sq = float(torch.linalg.vector_norm(base, dtype=torch.float32)) ** 2
-            for expert, tensors, _ in self.contributors:
-                if name in tensors and tensors.info(name)[0] == tuple(base.shape):
-                    # Differences of nearby floats are exact in their own dtype; the norm accumulates in float32.
-                    delta = tensors.get(name).to(base.dtype) - base
-                    delta_sq[expert] += float(torch.linalg.vector_norm(delta, dtype=torch.float32)) ** 2
-                    base_sq[expert] += base_norm_sq
+        for name in self.names:  # in the same order whatever order the tensors were merged in
+            for expert, (d_sq, b_sq) in self._delta_sq.get(name, {}).items():
+                delta_sq[expert] += d_sq
+                base_sq[expert] += b_sq
         return {e: (delta_sq[e] / base_sq[e]) ** 0.5 if base_sq[e] else 0.0 for e in delta_sq}

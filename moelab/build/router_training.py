@@ -69,26 +69,55 @@ def _split_examples(examples: list[str], options: RouterTraining, generator) -> 
     return chosen[heldout:], chosen[:heldout]
 
 
-def _token_features(model, tokenizer, texts: list[str], options: RouterTraining, generator):
-    """(L, N, H) float32 router inputs at a seeded sample of up to `tokens_per_example` tokens of each text."""
+@dataclass
+class TrainingTokens:
+    """The tokens of every expert's fitting and held-out examples, and which of them are sampled as features.
+
+    groups[2e] and groups[2e + 1] are expert e's fitting and held-out token lists; picks[g][b] lists the
+    (row, positions) sampled in batch b of group g. The seeded generator continues in trained_gates.
+    """
+    groups: list[list[list[int]]]
+    picks: list[list[list[tuple[int, object]]]]
+    generator: object
+
+    def features(self, states: list) -> list:
+        """Per group, the (N, H) router inputs at the picked tokens; `states`: one layer's, per batch of these groups."""
+        import torch
+
+        chunks = iter(states)
+        return [torch.cat([torch.cat([s[row, pos] for row, pos in batch_picks])
+                           for batch_picks, s in zip(group_picks, chunks)]) if group_picks else None
+                for group_picks in self.picks]
+
+
+def training_tokens(tokenizer, experts: Sequence[Expert], options: RouterTraining, seed: int,
+                    recipe_dir: Optional[Path]) -> TrainingTokens:
+    """Each expert's examples (its `router_data` file, else its positive prompts), split, cut and sampled."""
     import torch
 
-    from moelab.build.gates import encode_prompts, layer_states
+    from moelab.build.gates import encode_prompts
+    from moelab.build.layer_pass import PROMPT_BATCH
+    from moelab.build.sources import resolve_data_path
 
-    ids = [seq[:options.tokens] for seq in encode_prompts(tokenizer, texts)]
+    generator = torch.Generator().manual_seed(seed)
     skip = 1 if tokenizer.bos_token_id is not None else 0
-    per_layer: list[list] = []
-    for states, mask in layer_states(model, ids, "hidden"):
-        picks = []
-        for row in range(mask.shape[0]):
-            positions = torch.arange(skip, int(mask[row].sum()))
-            keep = torch.randperm(len(positions), generator=generator)[:options.tokens_per_example]
-            picks.append((row, positions[keep]))
-        for layer, s in enumerate(states):
-            if len(per_layer) <= layer:
-                per_layer.append([])
-            per_layer[layer].append(torch.cat([s[row, pos] for row, pos in picks]))
-    return torch.stack([torch.cat(chunks) for chunks in per_layer])
+    groups, picks = [], []
+    for expert in experts:
+        examples = (read_router_data(resolve_data_path(expert.router_data, recipe_dir)) if expert.router_data
+                    else list(expert.positive_prompts))
+        for part in _split_examples(examples, options, generator):
+            ids = [seq[:options.tokens] for seq in encode_prompts(tokenizer, part)]
+            group_picks = []
+            for start in range(0, len(ids), PROMPT_BATCH):
+                batch_picks = []
+                for row, seq in enumerate(ids[start:start + PROMPT_BATCH]):
+                    positions = torch.arange(skip, len(seq))
+                    keep = torch.randperm(len(positions), generator=generator)[:options.tokens_per_example]
+                    batch_picks.append((row, positions[keep]))
+                group_picks.append(batch_picks)
+            groups.append(ids)
+            picks.append(group_picks)
+    return TrainingTokens(groups, picks, generator)
 
 
 def routing_quality(gates, features, labels, names: Sequence[str]) -> RoutingQuality:
@@ -129,23 +158,19 @@ def fit_routers(features, labels, init, options: RouterTraining):
     return weight.detach()
 
 
-def trained_gates(model, tokenizer, experts: Sequence[Expert], names: Sequence[str], hidden_gates,
-                  options: RouterTraining, seed: int, recipe_dir: Optional[Path],
-                  show_progress: bool = True):
-    """(gates (L, E, H), RouterReport) for the routed experts; `hidden_gates` is the starting point."""
+def trained_gates(training: TrainingTokens, per_layer: list, names: Sequence[str], hidden_gates,
+                  options: RouterTraining, show_progress: bool = True):
+    """(gates (L, E, H), RouterReport) for the routed experts; `hidden_gates` is the starting point.
+
+    `per_layer[l]`: TrainingTokens.features of layer l's router inputs.
+    """
     import torch
     from rich.progress import Progress
 
-    from moelab.build.sources import resolve_data_path
-
-    generator = torch.Generator().manual_seed(seed)
-    train, heldout = [], []
-    for expert in experts:
-        examples = (read_router_data(resolve_data_path(expert.router_data, recipe_dir)) if expert.router_data
-                    else list(expert.positive_prompts))
-        fit_part, held_part = _split_examples(examples, options, generator)
-        train.append(_token_features(model, tokenizer, fit_part, options, generator))
-        heldout.append(_token_features(model, tokenizer, held_part, options, generator) if held_part else None)
+    generator = training.generator
+    by_group = [torch.stack([layer[g] for layer in per_layer]) if per_layer[0][g] is not None else None
+                for g in range(len(training.groups))]
+    train, heldout = by_group[0::2], by_group[1::2]
     labels = torch.cat([torch.full((f.shape[1],), e) for e, f in enumerate(train)])
     features = torch.cat(train, dim=1)
     with Progress(transient=True, disable=not show_progress) as progress:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import struct
-from dataclasses import dataclass
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 from moelab.errors import MoelabError
 
@@ -64,11 +68,32 @@ class SafetensorsFolder:
             return torch.empty(shape, dtype=dtype)
         buffer = bytearray(end - begin)
         path = self.folder / self.weight_map[name]
-        with open(path, "rb") as f:
-            f.seek(data_start + begin)
-            if f.readinto(buffer) != len(buffer):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            # One large read per tensor; the kernel reads ahead further on a file said to be read in order.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            if os.preadv(fd, [buffer], data_start + begin) != len(buffer):
                 raise MoelabError(f"{path} ends inside tensor {name}; the file is truncated, download it again")
+        finally:
+            os.close(fd)
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+    def overwrite(self, name: str, tensor) -> None:
+        """Write new data over a tensor in its file, in place; the shape and dtype must be the stored ones."""
+        import torch
+
+        data_start, entry = self._entry(name)
+        code = SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")]
+        if list(tensor.shape) != entry["shape"] or code != entry["dtype"]:
+            raise RuntimeError(f"{name}: new data is {tuple(tensor.shape)} {code}, stored {entry['shape']} "
+                               f"{entry['dtype']}")
+        with open(self.folder / self.weight_map[name], "r+b") as f:
+            f.seek(data_start + entry["data_offsets"][0])
+            f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+
+    def nbytes(self, name: str) -> int:
+        begin, end = self._entry(name)[1]["data_offsets"]
+        return end - begin
 
 
 def _read_header(path: Path) -> tuple[int, dict]:
@@ -83,13 +108,28 @@ def _read_header(path: Path) -> tuple[int, dict]:
     return 8 + length, header
 
 
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor of one source folder, as a plan names it."""
+    source: SafetensorsFolder
+    name: str
+
+    @property
+    def key(self) -> tuple[Path, str]:
+        return self.source.folder.resolve(), self.name
+
+
 @dataclass
 class PlannedTensor:
-    """One output tensor: its name, shape and dtype are known before `produce` computes its data."""
+    """One output tensor: a function of source tensors, whose name, shape and dtype are known before it is computed.
+
+    `produce` gets the tensors of `reads`, in order, read once each however many planned tensors use them.
+    """
     name: str
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype code, e.g. "BF16"
-    produce: Callable[[], object]
+    produce: Callable[..., object]
+    reads: list[SourceTensor] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -112,24 +152,114 @@ def plan_shards(tensors: list[PlannedTensor], shard_bytes: int) -> list[list[Pla
     return shards
 
 
+class ReadAhead:
+    """Every source tensor a plan reads, read once, in plan order, on a thread that stays ahead of its use.
+
+    At most `budget_bytes` are read and not yet used (one tensor more when a single one is larger). A tensor that
+    several planned tensors read stays until the last of them has it. File reads release the GIL, so reading
+    overlaps the main thread's conversion, merging and writing.
+    """
+
+    def __init__(self, plan: list[PlannedTensor], budget_bytes: int):
+        self._uses = Counter(read.key for t in plan for read in t.reads)
+        first = {}
+        for read in (read for t in plan for read in t.reads):
+            first.setdefault(read.key, read)
+        self._order = list(first.values())
+        self._budget = budget_bytes
+        self._ready: dict[tuple, object] = {}
+        self._ahead_bytes = 0  # read, and not yet taken for the first time
+        self._untaken: set[tuple] = set()
+        self._error: Optional[BaseException] = None
+        self._stop = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._read_all, name="moelab-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _read_all(self) -> None:
+        for read in self._order:
+            size = read.source.nbytes(read.name)
+            with self._cond:
+                self._cond.wait_for(lambda: self._stop or self._ahead_bytes == 0
+                                    or self._ahead_bytes + size <= self._budget)
+                if self._stop:
+                    return
+            try:
+                tensor = read.source.get(read.name)
+            except BaseException as err:  # handed to the main thread, which raises it where the tensor is used
+                with self._cond:
+                    self._error = err
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._ready[read.key] = tensor
+                self._untaken.add(read.key)
+                self._ahead_bytes += size
+                self._cond.notify_all()
+
+    def take(self, read: SourceTensor):
+        key = read.key
+        with self._cond:
+            self._cond.wait_for(lambda: key in self._ready or self._error is not None)
+            if key not in self._ready:
+                raise self._error
+            tensor = self._ready[key]
+            if key in self._untaken:
+                self._untaken.discard(key)
+                self._ahead_bytes -= read.source.nbytes(read.name)
+                self._cond.notify_all()
+            self._uses[key] -= 1
+            if self._uses[key] == 0:
+                del self._ready[key]
+        return tensor
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._ready.clear()
+            self._cond.notify_all()
+        self._thread.join()
+
+
+def bound_malloc() -> None:
+    """At most two glibc heaps for all threads (no-op without glibc).
+
+    glibc gives each thread that allocates its own heap, up to 8 per core, and memory freed into one heap is not
+    reused by the others: with the read-ahead thread allocating every tensor and the main thread freeing it,
+    the build's footprint would otherwise grow by heaps that hold only freed tensors.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_arena_max = -8
+    libc.mallopt(m_arena_max, 2)
+
+
 def write_sharded(tensors: list[PlannedTensor], folder: Path, shard_bytes: int,
-                  on_tensor: Callable[[PlannedTensor], None] = lambda t: None) -> list[str]:
+                  on_tensor: Callable[[PlannedTensor], None] = lambda t: None,
+                  read_ahead_bytes: int = 256 * 2**20) -> list[str]:
     """Write tensors as `model-0000k-of-0000n.safetensors` plus the index; returns the shard file names.
 
-    Each header is computed from the plan, so every tensor is produced, written and dropped one at a time.
+    Each header is computed from the plan, so every tensor is produced, written and dropped one at a time, while
+    the source tensors that come next are read ahead (ReadAhead).
     """
     shards = plan_shards(tensors, shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for file_name, shard in zip(names, shards):
-        _write_shard(folder / file_name, shard, on_tensor)
-        weight_map.update({t.name: file_name for t in shard})
+    reads = ReadAhead(tensors, read_ahead_bytes)
+    try:
+        for file_name, shard in zip(names, shards):
+            _write_shard(folder / file_name, shard, reads, on_tensor)
+            weight_map.update({t.name: file_name for t in shard})
+    finally:
+        reads.close()
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return names
 
 
-def _write_shard(path: Path, shard: Iterable[PlannedTensor], on_tensor) -> None:
+def _write_shard(path: Path, shard: Iterable[PlannedTensor], reads: ReadAhead, on_tensor) -> None:
     import torch
 
     header, offset = {}, 0
@@ -143,7 +273,7 @@ def _write_shard(path: Path, shard: Iterable[PlannedTensor], on_tensor) -> None:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         for t in shard:
-            data = t.produce()
+            data = t.produce(*[reads.take(read) for read in t.reads])
             if tuple(data.shape) != t.shape or SAFETENSORS_DTYPES[str(data.dtype).removeprefix("torch.")] != t.dtype:
                 raise RuntimeError(f"{t.name}: produced {tuple(data.shape)} {data.dtype}, planned {t.shape} {t.dtype}")
             if data.numel():

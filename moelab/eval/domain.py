@@ -35,6 +35,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moelab.errors import MoelabError
+from moelab.files import json_lines, read_user_text
 
 DEFAULT_ANSWER_PATTERN = r"answer is\s*\$?(-?[\d,]*\d)"
 GROUP_PREFIX = "domain:"
@@ -125,21 +126,20 @@ def _read_jsonl(path: Path, fields: list[str], what: str) -> bytes:
         raw = path.read_bytes()
     except OSError as err:
         raise MoelabError(f"cannot read {what} {path}: {err.strerror}; check the path") from None
-    rows = 0
-    for number, line in enumerate(raw.decode().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise MoelabError(f"{path} line {number} is not JSON; {what} needs one JSON object per line") from None
-        missing = [f for f in fields if not isinstance(row, dict) or f not in row]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise MoelabError(f"{path} is not UTF-8 text (byte {err.start}); {what} needs UTF-8 JSON lines") from None
+    for number, row in json_lines(text, path, what):
+        missing = [f for f in fields if f not in row]
         if missing:
             raise MoelabError(f"{path} line {number} has no field {', '.join(missing)}, which {what} reads; "
                               "add it or set the field names in eval_data")
-        rows += 1
-    if rows == 0:
-        raise MoelabError(f"{path} has no items; {what} needs at least one JSON line")
+        empty = [f for f in fields if isinstance(row[f], bool) or not isinstance(row[f], (str, int, float))
+                 or str(row[f]).strip() == ""]
+        if empty:
+            raise MoelabError(f"{path} line {number}: field {empty[0]} is {json.dumps(row[empty[0]])[:40]}, not "
+                              f"text or a number; {what} needs a value on every line")
     return raw
 
 
@@ -159,11 +159,10 @@ def domains_of_file(path: Path) -> list[DomainTask]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise MoelabError(f"cannot read tasks file {path}: {err.strerror}; check the path") from None
-    except yaml.YAMLError as err:
-        raise MoelabError(f"{path}: malformed YAML ({str(err).splitlines()[0]}); fix the YAML syntax") from None
+        data = yaml.safe_load(read_user_text(path, "tasks file"))
+    except (yaml.YAMLError, RecursionError) as err:
+        first_line = (str(err).splitlines() or [type(err).__name__])[0]
+        raise MoelabError(f"{path}: malformed YAML ({first_line}); fix the YAML syntax") from None
     if not isinstance(data, dict) or not data or not all(isinstance(v, dict) for v in data.values()):
         raise MoelabError(f"{path}: a tasks file maps each domain name to its fields, e.g. "
                           "'math: {path: arith.jsonl, kind: exact_match}'")

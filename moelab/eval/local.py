@@ -95,6 +95,38 @@ def check_data_files(tasks: list[SuiteTask], data_dir: Path) -> None:
         if not (data_dir / task.data_file).is_file():
             raise MoelabError(f"task {task.name} needs {data_dir / task.data_file}, which is missing; add the file "
                               f"(the dataset's own JSONL schema) or leave {task.name} out of --tasks")
+        check_jsonl_rows(data_dir / task.data_file, bigbench_row_problem if task.lm_eval_yaml is None else None)
+
+
+def check_jsonl_rows(path: Path, row_problem=None) -> None:
+    """Every line of a task's data file is a JSON object (and passes `row_problem`), and there is at least one,
+    so that bad data is a one-line error before the model loads, not a traceback inside lm-eval."""
+    from moelab.files import json_lines, read_user_text
+
+    for number, row in json_lines(read_user_text(path, "task data file"), path, "task data"):
+        problem = row_problem and row_problem(row)
+        if problem:
+            raise MoelabError(f"{path} line {number}: {problem}; fix the line or the file")
+
+
+def bigbench_row_problem(row: dict) -> str | None:
+    """What makes a hails/bigbench row unscorable, or None."""
+    def strings(value) -> bool:
+        return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+    choices, scores = row.get("multiple_choice_targets"), row.get("multiple_choice_scores")
+    if not isinstance(row.get("inputs"), str):
+        return "'inputs' is not text"
+    if not strings(row.get("targets")):
+        return "'targets' is not a non-empty list of text"
+    if not strings(choices):
+        return "'multiple_choice_targets' is not a non-empty list of text"
+    if row["targets"][0] not in choices:
+        return f"the target {row['targets'][0]!r:.40} is not among the multiple_choice_targets"
+    if not isinstance(scores, list) or len(scores) != len(choices) \
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores):
+        return "'multiple_choice_scores' is not one number per choice"
+    return None
 
 
 def resolve_data_dir(data_dir: Path | str | None) -> Path | None:
@@ -156,7 +188,17 @@ def model_identity(model: str) -> tuple[str, str | None, dict | None]:
                 digest.update(file.name.encode() + str(file.stat().st_size).encode()
                               + header + f.read(int.from_bytes(header, "little")))
     recipe_file = path / "moelab_recipe.yaml"
-    recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else None
+    recipe = None
+    if recipe_file.is_file():
+        from moelab.files import read_user_text
+
+        try:
+            recipe = yaml.safe_load(read_user_text(recipe_file, "recipe"))
+        except (yaml.YAMLError, RecursionError):
+            recipe = None
+        if not isinstance(recipe, dict):
+            raise MoelabError(f"{recipe_file} is damaged (not the recipe mapping `moelab build` writes); rebuild "
+                              "the model or delete the file")
     return name, digest.hexdigest(), recipe
 
 
@@ -183,7 +225,30 @@ def resolve_settings(settings: EvalSettings) -> EvalSettings:
         raise MoelabError(f"--backend {settings.backend} is not hf or vllm")
     if settings.limit is not None and settings.limit <= 0:
         raise MoelabError(f"--limit {settings.limit} must be a positive number of examples per task")
-    return replace(settings, device=device, dtype=dtype, batch_size=batch_size)
+    engine = settings.engine if settings.engine != "auto" else ("moelab" if settings.backend == "hf" else "lm-eval")
+    if engine not in ("moelab", "lm-eval") or (engine == "moelab" and settings.backend != "hf"):
+        raise MoelabError(f"--engine {settings.engine} is not moelab (hf backend only), lm-eval or auto")
+    batch_tokens = None
+    if engine == "moelab":
+        from moelab.eval.scheduler import default_batch_tokens
+
+        batch_tokens = settings.batch_tokens or default_batch_tokens(device)
+        if batch_tokens <= 0:
+            raise MoelabError(f"--batch-tokens {batch_tokens} must be a positive number of tokens per forward pass")
+    return replace(settings, device=device, dtype=dtype, batch_size=batch_size, engine=engine,
+                   batch_tokens=batch_tokens)
+
+
+def resolve_parallel(model: str, settings: EvalSettings) -> tuple[EvalSettings, list[str]]:
+    """Settings with the parallel strategy this machine will use, and the devices of its replicas or shards."""
+    from moelab.eval.parallel import plan_for
+
+    plan = plan_for(model, settings.dtype, settings.device, settings.parallel, settings.gpus)
+    if plan.strategy == "replicas" and settings.engine != "moelab":
+        raise MoelabError("--parallel replicas needs --engine moelab (lm-eval's engine runs replicas only under "
+                          "accelerate launch)")
+    on_gpus = plan.devices[0].startswith("cuda")
+    return replace(settings, parallel=plan.strategy, gpus=len(plan.devices) if on_gpus else None), plan.devices
 
 
 def load_language_model(model: str, settings: EvalSettings):
@@ -192,7 +257,9 @@ def load_language_model(model: str, settings: EvalSettings):
     batch_size = int(settings.batch_size) if settings.batch_size.isdigit() else settings.batch_size
     arguments = dict(pretrained=model, dtype=settings.dtype, batch_size=batch_size, max_length=settings.max_length,
                      add_bos_token=False)  # the Nous harness encodes with add_special_tokens=False
-    if settings.backend == "hf":
+    if settings.backend == "hf" and settings.parallel == "shard":
+        arguments["parallelize"] = True  # device_map="auto" over the visible GPUs
+    elif settings.backend == "hf":
         arguments["device"] = settings.device
     try:
         return get_model(settings.backend)(**arguments)
@@ -240,31 +307,48 @@ def task_result(task: SuiteTask, output: dict) -> TaskResult:
                       version=str(output["versions"][task.name]), num_fewshot=int(output["n-shot"][task.name]))
 
 
+def seed_as_simple_evaluate() -> None:
+    import random
+
+    import numpy
+    import torch
+
+    random.seed(0)
+    numpy.random.seed(1234)
+    torch.manual_seed(1234)
+
+
+def data_error_types() -> tuple[type[BaseException], ...]:
+    """What lm-eval raises when a --data-dir file does not read as its dataset's schema."""
+    import jinja2
+    from datasets.exceptions import DatasetGenerationError
+
+    return DatasetGenerationError, jinja2.UndefinedError, KeyError
+
+
 def evaluate_task(lm, task: SuiteTask, settings: EvalSettings, data_dir: Path | None, task_manager) -> TaskResult:
     """One task through lm_eval.evaluator.evaluate, seeded as simple_evaluate seeds it.
 
     Not simple_evaluate itself: on every call it also collects torch's environment report (pip list, lscpu...),
     1-2 s per task, and we call once per task so that each finished task is cached.
     """
-    import random
-
-    import numpy
-    import torch
     from lm_eval.evaluator import evaluate
 
-    import jinja2
-    from datasets.exceptions import DatasetGenerationError
-
-    random.seed(0)
-    numpy.random.seed(1234)
-    torch.manual_seed(1234)
+    seed_as_simple_evaluate()
     try:
         loaded = task_manager.load([domain_task_config(task, lm.tokenizer) if isinstance(task, DomainTask)
                                     else task_config(task, data_dir)])
         for lm_eval_task in loaded["tasks"].values():
             lm_eval_task.set_fewshot_seed(seed=1234)
         return task_result(task, evaluate(lm=lm, task_dict=loaded, limit=settings.limit, log_samples=False))
-    except (DatasetGenerationError, jinja2.UndefinedError, KeyError) as err:
+    except ConnectionError as err:  # datasets' own wording of "offline": the builtin, not requests'
+        if data_dir is not None:
+            raise
+        shipped = Path(__file__).resolve().parents[1] / "data"
+        raise MoelabError(f"task {task.name}: cannot download its data from the Hub ({err}); offline, point "
+                          f"--data-dir at local task files (bigbench/<task>.jsonl, agieval/, gpt4all/, truthfulqa/), "
+                          f"e.g. the BIG-bench subset shipped with moelab: --data-dir {shipped}") from None
+    except data_error_types() as err:
         if data_dir is None:
             raise
         cause = err.__cause__ or err
@@ -323,30 +407,52 @@ def run_eval(model: str, settings: EvalSettings, data_dir: Path | None, output: 
         settings = replace(settings, limit=SHIPPED_ROWS_PER_TASK)
     settings = resolve_settings(replace(settings, tasks=[t.name for t in tasks],
                                         num_fewshot={t.name: t.num_fewshot for t in tasks}))
+    settings, devices = resolve_parallel(model, settings)
+    replica_devices = devices if settings.parallel == "replicas" else []
 
     cache_dir = cache_dir_for(output)
     fingerprints = {t.name: task_fingerprint(model, content_hash, settings, t, data_dir) for t in tasks}
     results = {t.name: r for t in tasks if (r := read_cached(cache_dir, t, fingerprints[t.name]))}
-    lm = task_manager = revision = None
+    pending = [t for t in tasks if t.name not in results]
+    revision, stages_s, stats = None, {}, None
     # The bar's console keeps this stderr: quiet_lm_eval points sys.stderr (lm-eval's own bars) elsewhere.
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tasks"),
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} {task.fields[unit]}"),
                   TimeElapsedColumn(), console=Console(file=sys.stderr)) as bar, quiet_lm_eval():
-        overall = bar.add_task("cached", total=len(tasks), completed=len(results))
-        for task in tasks:
-            if task.name in results:
-                continue
-            if lm is None:
-                from lm_eval.tasks import TaskManager
+        overall = bar.add_task("cached", total=len(tasks), completed=len(results), unit="tasks")
 
-                bar.update(overall, description=f"loading {model_name}")
-                lm = load_language_model(model, settings)
-                task_manager = TaskManager(include_defaults=False)  # our configs are inline dicts
-                revision = getattr(getattr(getattr(lm, "model", None), "config", None), "_commit_hash", None)
-            bar.update(overall, description=task.name)
-            results[task.name] = evaluate_task(lm, task, settings, data_dir, task_manager)
+        def finish(task, result: TaskResult) -> None:
+            results[task.name] = result
             write_text_atomic(cache_dir / f"{task.name}.json", json.dumps(
-                {"fingerprint": fingerprints[task.name], "result": asdict(results[task.name])}))
+                {"fingerprint": fingerprints[task.name], "result": asdict(result)}))
             bar.advance(overall)
+
+        if pending:
+            from lm_eval.tasks import TaskManager
+
+            bar.update(overall, description=f"loading {model_name}")
+            loading = time.perf_counter()
+            lm = load_language_model(model, settings)
+            stages_s["load_model"] = round(time.perf_counter() - loading, 2)
+            task_manager = TaskManager(include_defaults=False)  # our configs are inline dicts
+            revision = getattr(getattr(getattr(lm, "model", None), "config", None), "_commit_hash", None)
+        evaluating = time.perf_counter()
+        if pending and settings.engine == "moelab":
+            from moelab.eval.scheduler import ScheduleOptions, run_scheduled
+
+            bar.update(overall, description=f"{len(pending)} tasks in one pass")
+            requests = bar.add_task("requests", total=None, unit="requests")
+            stats = run_scheduled(lm, pending, settings, data_dir, task_manager, cache_dir / "requests.jsonl",
+                                  fingerprints, finish,
+                                  on_progress=lambda done, total: bar.update(requests, completed=done, total=total),
+                                  options=ScheduleOptions(settings.batch_tokens, replica=(model, settings.dtype),
+                                                          replica_devices=tuple(replica_devices)))
+        else:
+            for task in pending:
+                bar.update(overall, description=task.name)
+                finish(task, evaluate_task(lm, task, settings, data_dir, task_manager))
+        if pending:
+            stages_s["evaluate"] = round(time.perf_counter() - evaluating, 2)
         bar.update(overall, description="done")
 
     ordered = [results[t.name] for t in tasks]
@@ -355,12 +461,23 @@ def run_eval(model: str, settings: EvalSettings, data_dir: Path | None, output: 
         model=model, model_name=model_name, settings=settings, results=ordered,
         revision=revision if content_hash is None else None, content_hash=content_hash, recipe=recipe,
         groups=groups, average=overall_average(groups), limited=settings.limit is not None, versions=package_versions(),
-        wall_time_s=round(time.perf_counter() - started, 2),
+        wall_time_s=round(time.perf_counter() - started, 2), speed=speed_of_run(stages_s, stats),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     report.save(output)
     if cache_dir.is_dir():
         shutil.rmtree(cache_dir)
     return report
+
+
+def speed_of_run(stages_s: dict[str, float], stats) -> dict:
+    """The report's speed section: wall time per stage and, for the moelab engine, what the scheduled pass did."""
+    if stats is None:
+        return {"stages_s": stages_s}
+    scored = stats.requests - stats.cached
+    return {"stages_s": {**stages_s, "tokenize": round(stats.tokenize_s, 2), "score": round(stats.score_s, 2)},
+            "requests": stats.requests, "cached": stats.cached,
+            "requests_per_s": round(scored / stats.score_s, 1) if stats.score_s else None,
+            "rows": stats.rows, "batches": stats.batches, "tokens": stats.tokens, "padded_tokens": stats.padded_tokens}
 
 
 class quiet_lm_eval:

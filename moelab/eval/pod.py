@@ -19,7 +19,8 @@ from pathlib import Path
 
 from moelab.errors import MoelabError
 from moelab.eval.remote import (POD_ENV_GIST, POD_ENV_KEEP, POD_ENV_MODEL, POD_ENV_SETTINGS, POD_SECRET_NAMES,
-                                GistChannel, mask_secrets)
+                                GistChannel)
+from moelab.redact import clean_secret, mask
 
 ERROR_TAIL_LINES = 30
 
@@ -29,8 +30,8 @@ def evaluate_and_post(env: dict[str, str]) -> int:
     from moelab.eval import EvalSettings, report_markdown, run_eval
     from moelab.eval.local import resolve_data_dir
 
-    secret_values = [env[name] for name in POD_SECRET_NAMES if env.get(name)]
-    channel = GistChannel.open(env["GITHUB_TOKEN"], env[POD_ENV_GIST])
+    secret_values = tuple(env[name] for name in POD_SECRET_NAMES if env.get(name))
+    channel = GistChannel.open(clean_secret(env["GITHUB_TOKEN"]), env[POD_ENV_GIST])
     try:
         settings = EvalSettings(**json.loads(env[POD_ENV_SETTINGS]))
         data_dir = resolve_data_dir(env.get("MOELAB_DATA_DIR") or None)
@@ -46,7 +47,7 @@ def evaluate_and_post(env: dict[str, str]) -> int:
         else:
             lines = traceback.format_exc().strip().splitlines()
             text = "\n".join(lines[-ERROR_TAIL_LINES:])
-        text = mask_secrets(text, secret_values)
+        text = mask(text, secret_values)
         print(text, file=sys.stderr, flush=True)
         channel.post_error(text)
         return 1
@@ -77,7 +78,7 @@ def main() -> int:
     try:
         return evaluate_and_post(env)
     except MoelabError as err:  # the gist itself is unreachable: only the pod's log can tell
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {mask(str(err))}", file=sys.stderr)
         return 2
     finally:
         if env.get(POD_ENV_KEEP) != "1":

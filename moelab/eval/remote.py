@@ -19,18 +19,18 @@ import json
 import os
 import re
 import secrets as random_tokens
-import signal
-import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from moelab.errors import MoelabError
+from moelab.errors import MoelabError, check_number
 from moelab.eval.delivery import (POD_ENV_INSTALL, POD_ENV_WHEEL, WHEEL_SUFFIX, bootstrap_source, check_install,
                                   wheel_file_name)
 from moelab.eval.report import EvalReport, EvalSettings
+from moelab.redact import clean_secret, mask, secret_from_env
+from moelab.signals import Interrupted, stop_signals_deferred, stop_signals_unwind
 
 DEFAULT_GPU = "NVIDIA A100 80GB PCIe"  # 80 GB holds a 4x7B frankenMoE in float16
 DEFAULT_IMAGE = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
@@ -42,6 +42,9 @@ POLL_ENV = "MOELAB_REMOTE_POLL_S"  # seconds between polls of the pod and the gi
 DEFAULT_POLL_S = 15.0
 MAX_API_FAILURES = 3  # consecutive failed polls before we give up (and terminate)
 GITHUB_API_ENV = "GITHUB_API_URL"
+MAX_GPU_COUNT = 8  # the most GPUs RunPod puts in one pod
+MAX_DISK_GB = 4000
+MAX_TIMEOUT_MIN = 7 * 24 * 60
 
 # What the local side and the pod agree on (names of gist files and pod environment variables).
 # Git orders a gist's files by name, so "<model>-Nous.md" stays the first file, which YALL-style harvesters read.
@@ -75,22 +78,16 @@ class Secrets:
 
     @classmethod
     def from_env(cls, runpod_api_key: str | None = None) -> "Secrets":
-        return cls(runpod_api_key or os.environ.get("RUNPOD_API_KEY"), os.environ.get("GITHUB_TOKEN"),
-                   os.environ.get("HF_TOKEN"))
+        return cls(clean_secret(runpod_api_key) or secret_from_env("RUNPOD_API_KEY"), secret_from_env("GITHUB_TOKEN"),
+                   secret_from_env("HF_TOKEN"))
 
-    def values(self) -> list[str]:
-        return [v for v in (self.runpod_api_key, self.github_token, self.hf_token) if v]
+    def values(self) -> tuple[str, ...]:
+        return tuple(v for v in (self.runpod_api_key, self.github_token, self.hf_token) if v)
 
     def missing(self) -> list[str]:
         """The variables a real run needs but this one lacks (RUNPOD_API_KEY, GITHUB_TOKEN)."""
         return [name for name, value in (("RUNPOD_API_KEY", self.runpod_api_key), ("GITHUB_TOKEN", self.github_token))
                 if not value]
-
-
-def mask_secrets(text: str, secret_values: list[str]) -> str:
-    for value in sorted(secret_values, key=len, reverse=True):
-        text = text.replace(value, "***")
-    return text
 
 
 @dataclass
@@ -169,15 +166,23 @@ def check_remote_model(model: str, push: str | None) -> str:
     return model
 
 
+def check_remote_numbers(options: RemoteOptions) -> None:
+    check_number("--gpu-count", options.gpu_count, 1, MAX_GPU_COUNT)
+    check_number("--disk-gb", options.disk_gb, 10, MAX_DISK_GB)
+    # A NaN or infinite timeout would disable both the run timeout and the never-ready guard.
+    check_number("--timeout-min", options.timeout_min, 0, MAX_TIMEOUT_MIN, low_inclusive=False)
+
+
 def pod_spec(repo_id: str, settings: EvalSettings, options: RemoteOptions, secrets: Secrets,
              gist_id: str = "<created at run time>") -> PodSpec:
     if options.cloud not in CLOUDS:
         raise MoelabError(f"--cloud {options.cloud} is not one of {', '.join(CLOUDS)}")
-    if options.gpu_count < 1 or options.disk_gb < 10 or options.timeout_min <= 0:
-        raise MoelabError("--gpu-count must be >= 1, --disk-gb >= 10 and --timeout-min > 0")
+    check_remote_numbers(options)
     install = {POD_ENV_INSTALL: check_install(options.install)} if options.install else \
         {POD_ENV_WHEEL: wheel_file_name()}
-    env = {POD_ENV_MODEL: repo_id, POD_ENV_SETTINGS: json.dumps(asdict(settings)), POD_ENV_GIST: gist_id,
+    # The pod chooses replicas or sharding as a local run does, over the GPUs it was rented with.
+    pod_settings = asdict(settings) | {"gpus": settings.gpus or options.gpu_count}
+    env = {POD_ENV_MODEL: repo_id, POD_ENV_SETTINGS: json.dumps(pod_settings), POD_ENV_GIST: gist_id,
            "GITHUB_TOKEN": secrets.github_token or "", **install, POD_ENV_BOOTSTRAP: bootstrap_source()}
     if secrets.hf_token:
         env["HF_TOKEN"] = secrets.hf_token
@@ -220,12 +225,13 @@ def run_remote_eval(model: str, settings: EvalSettings, output: Path, options: R
     wheel = None if options.install else own_wheel()  # before anything is created: a failed build costs nothing
     if push:
         publish_for_pod(model, push, secrets)
-    channel = GistChannel.create(secrets.github_token, repo_id,
-                                 {wheel_file_name(): wheel_as_text(wheel)} if wheel else {})
-    report, failure = None, None
-    with exit_on_sigterm():
+    report, failure, channel = None, None, None
+    with stop_signals_unwind():
         pod = RunPodSession(secrets, on_progress)
         try:
+            with stop_signals_deferred():  # a signal mid-request would lose the id of a gist that exists
+                channel = GistChannel.create(secrets.github_token, repo_id,
+                                             {wheel_file_name(): wheel_as_text(wheel)} if wheel else {})
             pod.create(pod_spec(repo_id, settings, options, secrets, channel.gist_id))
             report = pod.wait_for_report(channel, options.timeout_min * 60)
             if push:
@@ -239,7 +245,7 @@ def run_remote_eval(model: str, settings: EvalSettings, output: Path, options: R
             try:
                 pod.finish(keep=options.keep_pod, failure=failure)
             finally:
-                if report is None:
+                if report is None and channel is not None:
                     channel.delete()
     return RemoteResult(report, pod.pod_id, pod.elapsed_s, pod.cost_usd, channel.html_url)
 
@@ -253,7 +259,7 @@ def publish_for_pod(model: str, repo_id: str, secrets: Secrets) -> None:
                           f"(huggingface-cli upload {repo_id} {model}) and pass {repo_id} as MODEL") from None
     from huggingface_hub import get_token
 
-    secrets.hf_token = secrets.hf_token or get_token()
+    secrets.hf_token = secrets.hf_token or clean_secret(get_token())
     publish_model(Path(model), repo_id, token=secrets.hf_token, private=True, show_progress=True)
 
 
@@ -291,13 +297,13 @@ class RunPodSession:
         self.on_progress(PodProgress(self.pod_id or "-", state, self.elapsed_s, self.cost_per_hr))
 
     def api_error(self, action: str, err: Exception) -> MoelabError:
-        return MoelabError(f"RunPod API failed to {action}: {mask_secrets(str(err), self.secret_values)}")
+        return MoelabError(f"RunPod API failed to {action}: {mask(str(err), self.secret_values)}")
 
     def create(self, spec: PodSpec) -> None:
         from requests import RequestException
 
         self.pod_name = spec.name
-        with signals_deferred():  # a Ctrl-C mid-request would lose the id of a pod that exists
+        with stop_signals_deferred():  # a Ctrl-C mid-request would lose the id of a pod that exists
             try:
                 created = self.runpod.create_pod(
                     name=graphql_text(spec.name), image_name=graphql_text(spec.image), gpu_type_id=spec.gpu,
@@ -335,7 +341,7 @@ class RunPodSession:
                 self.pod_id = found["id"]
 
     def wait_for_report(self, channel: "GistChannel", timeout_s: float) -> EvalReport:
-        poll_s = float(os.environ.get(POLL_ENV, DEFAULT_POLL_S))
+        poll_s = check_number(POLL_ENV, float(os.environ.get(POLL_ENV, DEFAULT_POLL_S)), 0, 3600, low_inclusive=False)
         ready_timeout_s = min(timeout_s, READY_TIMEOUT_S)
         ever_ready, failures, last_state = False, 0, ""
         while True:
@@ -388,16 +394,16 @@ class RunPodSession:
         if keep:
             self.report("kept running")
             return
-        with signals_deferred():  # a second Ctrl-C must not stop the termination
+        with stop_signals_deferred():  # a second Ctrl-C must not stop the termination
             try:
                 self.runpod.terminate_pod(self.pod_id)
             except Exception as err:
                 if not self.already_gone():
                     first = "" if failure is None else \
-                        f". Before that, the run had failed: {mask_secrets(describe(failure), self.secret_values)}"
+                        f". Before that, the run had failed: {mask(describe(failure), self.secret_values)}"
                     raise MoelabError(
                         f"POD STILL RUNNING AND BILLING: pod {self.pod_id} could not be terminated "
-                        f"({mask_secrets(str(err), self.secret_values)}); remove it now with "
+                        f"({mask(str(err), self.secret_values)}); remove it now with "
                         f"`runpodctl remove pod {self.pod_id}` or at {PODS_CONSOLE_URL}{first}") from None
             self.gone = True
         self.report("terminated")
@@ -410,6 +416,8 @@ class RunPodSession:
 
 
 def describe(failure: BaseException) -> str:
+    if isinstance(failure, Interrupted):
+        return f"interrupted ({failure.signal_name})"
     if isinstance(failure, KeyboardInterrupt):
         return "interrupted"
     if isinstance(failure, SystemExit):
@@ -427,7 +435,7 @@ def graphql_text(value: str) -> str:
 @dataclass
 class GistChannel:
     gist: object  # github.Gist.Gist
-    secret_values: list[str] = field(default_factory=list)
+    secret_values: tuple[str, ...] = ()
 
     @property
     def gist_id(self) -> str:
@@ -449,7 +457,7 @@ class GistChannel:
             gist = github_client(token).get_user().create_gist(
                 public=False, files={n: InputFileContent(text) for n, text in files.items()},
                 description=f"moelab eval {repo_id} (running)")
-        return cls(gist, [token])
+        return cls(gist, (token,))
 
     @classmethod
     def open(cls, token: str, gist_id: str) -> "GistChannel":
@@ -474,15 +482,16 @@ class GistChannel:
         delivered = {name: None for name in self.gist.files if name.endswith(WHEEL_SUFFIX)}  # served its purpose
         with github_errors("write the report to the gist", *self.secret_values):
             self.gist.edit(description=f"moelab eval {report.model} (Nous)", files={
-                f"{report.model_name}-Nous.md": InputFileContent(markdown),
-                f"{report.model_name}{REPORT_SUFFIX}": InputFileContent(json.dumps(report.to_dict(), indent=2)),
+                f"{report.model_name}-Nous.md": InputFileContent(mask(markdown, self.secret_values)),
+                f"{report.model_name}{REPORT_SUFFIX}": InputFileContent(
+                    mask(json.dumps(report.to_dict(), indent=2), self.secret_values)),
                 **delivered})
 
     def post_error(self, text: str) -> None:
         from github import InputFileContent
 
         with github_errors("write the error to the gist", *self.secret_values):
-            self.gist.edit(files={ERROR_FILE: InputFileContent(text + "\n")})
+            self.gist.edit(files={ERROR_FILE: InputFileContent(mask(text, self.secret_values) + "\n")})
 
     def delete(self) -> None:
         """Best effort: a run without a report leaves no placeholder gist behind."""
@@ -507,46 +516,6 @@ def github_errors(action: str, *secret_values: str) -> Iterator[None]:
         yield
     except GithubException as err:
         hint = "; GITHUB_TOKEN needs the gist scope" if err.status in (401, 403, 404) else ""
-        raise MoelabError(mask_secrets(f"GitHub refused to {action} (HTTP {err.status}){hint}",
-                                       list(secret_values))) from None
+        raise MoelabError(mask(f"GitHub refused to {action} (HTTP {err.status}){hint}", secret_values)) from None
     except RequestException as err:
-        raise MoelabError(mask_secrets(f"cannot reach GitHub to {action}: {err}", list(secret_values))) from None
-
-
-# --- signals: SIGTERM unwinds like Ctrl-C, and neither may interrupt a create or a terminate -------------------
-
-@contextmanager
-def exit_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit(143) so that `finally` blocks (the pod's termination) run."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM until the block ends, then act on them (KeyboardInterrupt / exit 143)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if signal.SIGINT in received:
-        raise KeyboardInterrupt
-    if signal.SIGTERM in received:
-        raise SystemExit(128 + signal.SIGTERM)
+        raise MoelabError(mask(f"cannot reach GitHub to {action}: {err}", secret_values)) from None

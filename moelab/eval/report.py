@@ -6,16 +6,22 @@ Schema version 1 (all fields always present; JSON null where a value is unknown)
   safetensors shard's size and header (cheap, changes with any weight layout/config change), else None;
   recipe: the moelab recipe (dict) when the model was built by moelab, else None; model_ref: the reference a
   recipe names the model by (e.g. `pkg:...gguf+ADAPTER`) when `model` is the folder moelab resolved it to, else None.
-- settings: EvalSettings (tasks, num_fewshot per task, limit, backend, device, dtype, batch_size, max_length).
+- settings: EvalSettings (tasks, num_fewshot per task, limit, backend, device, dtype, batch_size, max_length,
+  engine: "moelab" (one scheduled pass, moelab/eval/scheduler.py) or "lm-eval" (lm-eval's own loop, task by task),
+  batch_tokens: the moelab engine's tokens per forward pass, None for lm-eval; parallel: the strategy used, single,
+  replicas (one model per GPU, requests split) or shard (one model across GPUs); gpus: how many GPUs it used).
 - results: one TaskResult per task (value and stderr are fractions in 0..1; n = examples scored).
 - groups: {"AGIEval"|"GPT4All"|"TruthfulQA"|"Bigbench": mean of its task values x100, rounded to 2}, only for a
   group whose tasks all ran; average: mean of the four rounded group scores, rounded to 2, only when all four exist.
 - limited: True when the run used --limit (such scores are never comparable to full runs).
 - versions: {"moelab", "lm_eval", "torch", "transformers"}; wall_time_s; date (ISO 8601, UTC); gist_id or None.
+- speed: {"stages_s": {stage: seconds}, and for the moelab engine "requests", "cached", "requests_per_s", "rows",
+  "batches", "tokens", "padded_tokens"} of this run (only the tasks it computed); {} in older reports.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -24,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from moelab.errors import MoelabError
-from moelab.files import temp_file_beside
+from moelab.files import read_user_text, temp_file_beside
+from moelab.redact import mask
 from moelab.eval.suite import GROUPS, NOUS_TASKS, short_task_name, tasks_of_group
 
 SCHEMA_VERSION = 1
@@ -40,6 +47,10 @@ class EvalSettings:
     dtype: str = "auto"
     batch_size: str = "auto"
     max_length: int | None = None
+    engine: str = "auto"
+    batch_tokens: int | None = None
+    parallel: str = "auto"  # auto, single, replicas or shard (see moelab/eval/parallel.py)
+    gpus: int | None = None  # GPUs to use of those visible; None: all
 
 
 @dataclass
@@ -71,28 +82,59 @@ class EvalReport:
     date: str = ""
     gist_id: str | None = None
     model_ref: str | None = None
+    speed: dict[str, Any] = field(default_factory=dict)
     suite: str = "nous"
     schema_version: int = SCHEMA_VERSION
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EvalReport":
+    def from_dict(cls, data: Any, source: str = "the report") -> "EvalReport":
+        """Check the shape and every score (JSON allows NaN and Infinity, which no verdict may rest on)."""
+        from pydantic import ValidationError
+
+        if not isinstance(data, dict):
+            raise MoelabError(f"{source} is not a moelab eval report (a JSON object); re-run `moelab eval`")
         if data.get("schema_version") != SCHEMA_VERSION:
-            raise MoelabError(f"report schema_version {data.get('schema_version')!r} is not {SCHEMA_VERSION}; "
+            raise MoelabError(f"{source}: schema_version {data.get('schema_version')!r:.40} is not {SCHEMA_VERSION}; "
                               "re-run `moelab eval` with this moelab version")
-        fields = dict(data)
-        fields["settings"] = EvalSettings(**data["settings"])
-        fields["results"] = [TaskResult(**r) for r in data["results"]]
-        return cls(**fields)
+        try:
+            report = _report_adapter().validate_python(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "the top level"
+            raise MoelabError(f"{source} is not a moelab eval report: {where}: {first['msg']}; "
+                              "re-run `moelab eval`") from None
+        problems = report.score_problems()
+        if problems:
+            raise MoelabError(f"{source}: {problems[0]}; re-run `moelab eval` for this model")
+        return report
+
+    def score_problems(self) -> list[str]:
+        from moelab.eval.domain import lower_is_better
+
+        problems = []
+        for r in self.results:
+            high = math.inf if lower_is_better(r.metric) else 1
+            if not (0 <= r.value <= high):
+                problems.append(f"task {r.task} has the score {r.value}, outside 0..{high:g}")
+            if r.stderr is not None and not (0 <= r.stderr < math.inf):
+                problems.append(f"task {r.task} has the standard error {r.stderr}")
+            if r.n < 0:
+                problems.append(f"task {r.task} has {r.n} examples")
+        scores = {**self.groups, **({} if self.average is None else {"Average": self.average})}
+        problems += [f"{name} is {value}, outside 0..100" for name, value in scores.items() if not 0 <= value <= 100]
+        return problems
 
     @classmethod
     def load(cls, path: Path) -> "EvalReport":
+        if not Path(path).exists():
+            raise MoelabError(f"no report at {path}; run `moelab eval MODEL --output {path}` first")
+        text = read_user_text(path, "eval report")
         try:
-            data = json.loads(Path(path).read_text())
-            return cls.from_dict(data)
-        except FileNotFoundError:
-            raise MoelabError(f"no report at {path}; run `moelab eval MODEL --output {path}` first") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise MoelabError(f"{path} is not a moelab eval report ({err}); re-run `moelab eval`") from None
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise MoelabError(f"{path} is not a moelab eval report (not JSON: {str(err)[:80]}); re-run `moelab eval`") \
+                from None
+        return cls.from_dict(data, str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,18 +145,34 @@ class EvalReport:
         return Path(path)
 
 
+@functools.cache
+def _report_adapter():
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(EvalReport)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text`, secrets masked, whole or not at all; a full or read-only disk is a MoelabError."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_file_beside(path)
     except OSError as err:
-        raise MoelabError(f"cannot write {path} ({err.strerror}); choose a writable --output") from None
+        raise unwritable(path, err) from None
     try:
-        tmp.write_text(text)
+        tmp.write_text(mask(text), encoding="utf-8")
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise unwritable(path, err) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def unwritable(path: Path, err: OSError) -> MoelabError:
+    return MoelabError(f"cannot write {path} ({err.strerror or type(err).__name__}); free some space or choose "
+                       "a writable output folder")
 
 
 def group_scores(results: list[TaskResult]) -> dict[str, float]:

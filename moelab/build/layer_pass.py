@@ -1,0 +1,172 @@
+"""The base model's decoder run one layer at a time over every batch of prompts, each layer's weights loaded on demand.
+
+Gate modes that read hidden states need, at layer l, only what layers 0..l do to the prompts. So the pass keeps the
+prompts' hidden states (small) and never the model: layer l's weights arrive (from the build's single streaming
+read of the sources), run over every batch, and are dropped before layer l + 1's arrive. Each layer computes
+exactly what a whole-model forward computes for the same batch (same decoder-layer module, same masks and
+position embeddings), so the router rows do not depend on which way they were computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+PROMPT_BATCH = 32
+EMBEDDING = "model.embed_tokens.weight"
+
+
+def layer_prefix(layer: int) -> str:
+    return f"model.layers.{layer}."
+
+
+@dataclass
+class PromptBatch:
+    ids: object   # (B, T) token ids, right-padded
+    mask: object  # (B, T), 1 on real tokens
+    group: int    # which list of prompts the batch came from
+
+
+def prompt_batches(groups: Sequence[list[list[int]]]) -> list[PromptBatch]:
+    """Each group's token lists in batches of PROMPT_BATCH, right-padded."""
+    import torch
+
+    batches = []
+    for group, token_lists in enumerate(groups):
+        for start in range(0, len(token_lists), PROMPT_BATCH):
+            batch = token_lists[start:start + PROMPT_BATCH]
+            width = max(len(seq) for seq in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, seq in enumerate(batch):
+                ids[row, :len(seq)] = torch.tensor(seq)
+                mask[row, :len(seq)] = 1
+            batches.append(PromptBatch(ids, mask, group))
+    return batches
+
+
+class _Captured(Exception):
+    pass
+
+
+def _capture_layers(num_layers: int, calls: dict):
+    """Stand-ins for the decoder layers that record the arguments the model's forward passes to each."""
+    import torch
+
+    class Capture(torch.nn.Module):
+        def __init__(self, index: int):
+            super().__init__()
+            self.index = index
+
+        def forward(self, hidden_states, **kwargs):
+            calls[self.index] = kwargs
+            if self.index == 0:
+                calls["embedded"] = hidden_states
+            if self.index == num_layers - 1:
+                raise _Captured
+            return hidden_states
+
+    return torch.nn.ModuleList(Capture(i) for i in range(num_layers))
+
+
+class LayerPass:
+    """Hidden states of prompt batches, advanced one decoder layer at a time (see the module docstring).
+
+    `model` is either a skeleton on the meta device whose layers get their weights from run_layer, or (4/8-bit
+    loading) a whole loaded model, whose layers are used as they are.
+
+    Weights are bf16, as in a bf16 model. On the CPU each layer computes in float32 (its bf16 weights cast up
+    once, the residual stream cast back to bf16 between layers): CPUs without bf16 matrix units run bf16 matmuls
+    several times slower, and only the running layer is ever in float32.
+    """
+
+    def __init__(self, model, batches: list[PromptBatch], device: str, streamed: bool):
+        import torch
+
+        self.model, self.batches, self.device, self.streamed = model, batches, device, streamed
+        self.compute_dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        self.num_layers = len(model.model.layers)
+        self.layer_args: list[dict] = []   # per batch: layer index -> keyword arguments of that layer
+        self.hidden: list = []             # per batch: the residual stream entering the next layer to run
+        self.next_layer = 0
+        self._router_input: Optional[object] = None
+        for layer in model.model.layers:
+            layer.post_attention_layernorm.register_forward_hook(self._keep_router_input)
+        self._torch = torch
+
+    def _keep_router_input(self, _module, _inputs, output):
+        self._router_input = output
+
+    def embed(self, embedding=None) -> None:
+        """Embed every batch (with `embedding` as the input embedding when streamed)."""
+        torch = self._torch
+        inner = self.model.model
+        if self.streamed:
+            inner.embed_tokens.load_state_dict({"weight": embedding.to(torch.bfloat16).to(self.device)}, assign=True)
+        layers = inner.layers
+        for batch in self.batches:
+            calls: dict = {}
+            inner.layers = _capture_layers(self.num_layers, calls)
+            try:
+                with torch.no_grad():
+                    inner(input_ids=batch.ids.to(self.device), attention_mask=batch.mask.to(self.device),
+                          use_cache=False)
+            except _Captured:
+                pass
+            finally:
+                inner.layers = layers
+            self.hidden.append(calls.pop("embedded"))
+            self.layer_args.append({index: {k: _cast(v, self.compute_dtype) for k, v in kwargs.items()}
+                                    for index, kwargs in calls.items()})
+        if self.streamed:
+            inner.embed_tokens.to("meta")
+
+    def run_layer(self, weights: Optional[dict] = None, router_input: bool = True) -> list:
+        """Run the next layer over every batch; returns per batch the float32 CPU states at that layer:
+        the router's input (post-attention norm output) if `router_input`, else the residual stream entering it.
+
+        `weights` (streamed): the layer's tensors by their full names in the dense checkpoint.
+        """
+        torch = self._torch
+        index = self.next_layer
+        layer = self.model.model.layers[index]
+        if self.streamed:
+            prefix = layer_prefix(index)
+            layer.load_state_dict({name[len(prefix):]: tensor.to(torch.bfloat16).to(self.device, self.compute_dtype)
+                                   for name, tensor in weights.items()}, assign=True)
+        states = []
+        with torch.no_grad():
+            for b, batch in enumerate(self.batches):
+                entering = self.hidden[b]
+                self.hidden[b] = layer(entering.to(self.compute_dtype), **self.layer_args[b][index]).to(torch.bfloat16)
+                states.append((self._router_input if router_input else entering).float().cpu())
+                self._router_input = None
+        if self.streamed:
+            layer.to("meta")
+        self.next_layer += 1
+        return states
+
+
+def _cast(value, dtype):
+    import torch
+
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, tuple):
+        return tuple(_cast(v, dtype) for v in value)
+    return value
+
+
+def skeleton_model(base_dir: Path, device: str):
+    """The base model's modules on the meta device (no weights), with real rotary position embeddings."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    inner = model.model
+    inner.rotary_emb = type(inner.rotary_emb)(inner.config).to(device)
+    model.eval()
+    return model

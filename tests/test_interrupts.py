@@ -1,0 +1,112 @@
+"""SIGINT, SIGTERM and SIGHUP at several moments of a real `moelab eval` and of a remote wait: one "interrupted"
+line, the shell's exit code, no debris, no pod left running, and an eval that resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from test_remote import (MOELAB, assert_no_secrets, assert_terminated_once_by_us, cli_env, github_api,  # noqa: F401
+                         remote_eval_args, restore_default_sigint, runpod_api)
+
+SHIPPED_DATA = Path(__file__).resolve().parents[1] / "moelab" / "data"
+TASKS = ["bigbench_navigate", "bigbench_snarks", "bigbench_sports_understanding"]
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
+
+
+def eval_args(model: Path, output: Path) -> list[str]:
+    return [*MOELAB, "eval", str(model), "--tasks", ",".join(TASKS), "--limit", "1", "--data-dir", str(SHIPPED_DATA),
+            "--device", "cpu", "--output", str(output)]
+
+
+def start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=restore_default_sigint)
+
+
+def wait_until(condition, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the moment never came"
+        time.sleep(0.05)
+
+
+def stop(process: subprocess.Popen, signum: int) -> str:
+    process.send_signal(signum)
+    try:
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == EXIT_CODES[signum], err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"interrupted ({signal.Signals(signum).name})"
+    return err
+
+
+def debris(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+# All three signals go through one handler (each is tested early, below); this slower one (two evals) uses SIGHUP.
+@pytest.mark.parametrize("signum", [signal.SIGHUP])
+def test_a_signal_after_a_finished_task_keeps_it_and_the_rerun_resumes(signum, tmp_path, tiny_moe_dir):
+    output = tmp_path / "reports" / "nous.json"
+    partial = output.with_name("nous.json.partial")
+    process = start(eval_args(tiny_moe_dir, output), tmp_path)
+    wait_until(lambda: (partial / f"{TASKS[0]}.json").is_file() or process.poll() is not None)
+    stop(process, signum)
+
+    assert not output.exists() and debris(output.parent) == []
+    cached = json.loads((partial / f"{TASKS[0]}.json").read_text())
+    cached["result"]["value"] = 0.123456  # a value no run computes: the re-run must take it from the cache
+    (partial / f"{TASKS[0]}.json").write_text(json.dumps(cached))
+    rerun = subprocess.run(eval_args(tiny_moe_dir, output), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    assert rerun.returncode == 0, rerun.stderr
+    results = {r["task"]: r for r in json.loads(output.read_text())["results"]}
+    assert list(results) == TASKS and results[TASKS[0]]["value"] == 0.123456
+    assert not partial.exists() and debris(output.parent) == []
+
+
+@pytest.mark.parametrize("signum", list(EXIT_CODES))
+def test_a_signal_while_the_model_loads_leaves_nothing(signum, tmp_path, tiny_moe_dir):
+    output = tmp_path / "reports" / "nous.json"
+    process = start(eval_args(tiny_moe_dir, output), tmp_path)
+    time.sleep(4)  # past the imports, into the run: loading lm-eval and the model, or the first task
+    assert process.poll() is None
+    stop(process, signum)
+
+    assert not output.exists()
+    assert debris(output.parent) == [] if output.parent.exists() else True
+
+
+# --- the remote wait: every signal terminates the pod and removes the placeholder gist -------------------------
+
+@pytest.mark.parametrize("signum", list(EXIT_CODES))
+def test_a_signal_while_waiting_for_the_pod_terminates_it_and_removes_the_gist(signum, tmp_path, cli_env, runpod_api,
+                                                                                github_api):
+    runpod_api.ready_after_polls = 3
+    process = start(remote_eval_args(), tmp_path, cli_env)
+    runpod_api.wait_for(lambda: any(p.polls >= 4 for p in runpod_api.pods.values()))
+    err = stop(process, signum)
+
+    assert "pod fakepod0001: terminated" in " ".join(err.split())
+    assert_terminated_once_by_us(runpod_api)
+    assert github_api.gists == {} and not list(tmp_path.rglob("*.json"))
+    assert_no_secrets(err)
+
+
+def test_a_hangup_while_the_create_request_is_in_flight_still_terminates_the_pod(tmp_path, cli_env, runpod_api,
+                                                                                 github_api):
+    runpod_api.delay_s = 1.0  # gpuTypes, then podFindAndDeployOnDemand, each take a second
+    process = start(remote_eval_args(), tmp_path, cli_env)
+    runpod_api.wait_for(lambda: runpod_api.received >= 2)  # the create request has arrived, not yet answered
+    err = stop(process, signal.SIGHUP)
+
+    assert "pod fakepod0001: terminated" in " ".join(err.split())
+    assert_terminated_once_by_us(runpod_api)
+    assert github_api.gists == {}
