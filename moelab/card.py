@@ -53,7 +53,7 @@ def model_card(recipe: Recipe, recipe_text: str, architecture: str, notes: list[
         metadata["base_model_relation"] = "merge"
     metadata.update({"tags": CARD_TAGS + [architecture], "library_name": "transformers",
                      "pipeline_tag": "text-generation"})
-    if report is not None and report.results:
+    if report is not None and report.results and not report.limited:  # the Hub's schema has no "limited" mark
         metadata["model-index"] = model_index(report, title)
 
     rows = "\n".join(
@@ -153,8 +153,10 @@ def _usage(repo_id: str | None, architecture: str) -> str:
         f"tokenizer = AutoTokenizer.from_pretrained({model})\n"
         f"model = AutoModelForCausalLM.from_pretrained({load_args})\n"
         "messages = [{\"role\": \"user\", \"content\": \"What is 12 times 7?\"}]\n"
-        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")\n"
-        "print(tokenizer.decode(model.generate(inputs, max_new_tokens=64)[0]))\n```\n"
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",\n"
+        "                                       return_dict=True)\n"
+        "output = model.generate(**inputs, max_new_tokens=64)\n"
+        "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))\n```\n"
     )
 
 
@@ -168,9 +170,10 @@ def _license_note(licenses: dict[str, str | None], license_id: str | None) -> st
 
 def evaluation_markdown(report: EvalReport) -> str:
     """The Nous suite scores: group averages, then every task, with the run's settings and Gist link."""
-    from moelab.eval.suite import GROUPS
+    from moelab.eval.report import measured_groups, partial_mark
 
-    groups = "".join(f"| {g} | {report.groups[g]:.2f} |\n" for g in GROUPS if g in report.groups)
+    groups = "".join(f"| {' '.join(filter(None, [g, partial_mark(ran, total)]))} | {score:.2f} |\n"
+                     for g, (score, ran, total) in measured_groups(report.results).items())
     average = f"| **Average** | **{report.average:.2f}** |\n" if report.average is not None else ""
     tasks = "".join(
         f"| {r.task} | {r.group} | {r.metric} | {r.value * 100:.2f} | "

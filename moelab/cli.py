@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +12,7 @@ import typer
 from rich.console import Console
 
 from moelab.errors import MoelabError, check_number
-from moelab.eval.remote import DEFAULT_GPU, DEFAULT_IMAGE, DEFAULT_INSTALL  # light: defaults for --help
+from moelab.eval.remote import DEFAULT_GPU, DEFAULT_IMAGE  # light: defaults for --help
 from moelab.recipe import MAX_SEED
 from moelab.redact import clean_secret, mask, secret_from_env
 from moelab.run import DEMO_LIMIT  # light: a default for --help
@@ -116,7 +117,7 @@ def chat(
     from rich.console import Console as StdoutConsole
 
     from moelab.chat import ChatSession, GenerationSettings, probe_view, run_chat
-    from moelab.probe import load_labelled_prompts, load_moe, probe_routing
+    from moelab.probe import load_labelled_prompts, load_moe, moe_folder, probe_routing
 
     check_number("--max-new-tokens", max_new_tokens, 1, MAX_TOKENS)
     check_number("--temperature", temperature, 0, 100)
@@ -126,12 +127,14 @@ def chat(
         raise MoelabError("--probe routes labelled prompts without chatting; drop --prompt, --trace and --heatmap")
     if json_output and probe is None:
         raise MoelabError("--json prints a --probe result; add --probe FILE or drop --json")
-    moe = load_moe(model, device, dtype)
+    folder, expert_names = moe_folder(model)  # checks, before the weights load
+    prompts = load_labelled_prompts(probe, expert_names) if probe is not None else []
+    moe = load_moe(str(folder), device, dtype)
     console.print(f"{model}: {len(moe.expert_names)} experts ({', '.join(moe.expert_names)}) "
                   f"in {len(moe.layers)} MoE layers", highlight=False)
     out = StdoutConsole()
     if probe is not None:
-        result = probe_routing(moe, load_labelled_prompts(probe, moe.expert_names), show_progress=not json_output)
+        result = probe_routing(moe, prompts, show_progress=not json_output)
         if json_output:
             print(json.dumps(result.to_json(), indent=1))
         else:
@@ -222,8 +225,9 @@ def eval_command(
     disk_gb: int = typer.Option(100, help="Pod container disk in GB (holds the model).", rich_help_panel="Remote"),
     timeout_min: float = typer.Option(240.0, help="Give up (and remove the pod) after this many minutes.",
                                       rich_help_panel="Remote"),
-    install: str = typer.Option(DEFAULT_INSTALL, help="pip spec the pod installs moelab from.",
-                                rich_help_panel="Remote"),
+    install: Optional[str] = typer.Option(None, help="pip requirement, URL or path the pod installs moelab from "
+                                                     "(default: this moelab, sent as a wheel in the run's Gist).",
+                                          rich_help_panel="Remote"),
     keep_pod: bool = typer.Option(False, "--keep-pod", help="Debugging only: leave the pod running (and billing).",
                                   rich_help_panel="Remote"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the pod specification (secrets masked); create "
@@ -273,6 +277,9 @@ def eval_on_pod(remote: str, model: str, settings, data_dir: Optional[Path], rep
     secrets = Secrets.from_env(runpod_api_key)
     if dry_run:
         StdoutConsole().print(pod_spec_view(planned_pod(model, settings, options, secrets, push)))
+        for name in secrets.missing():
+            console.print(f"[yellow]warning:[/yellow] {name} is not set; a real run needs it (see `moelab eval "
+                          "--help`)", highlight=False)
         return
     if options.keep_pod:
         console.print("[bold yellow]WARNING --keep-pod: the pod keeps running and billing after the eval; remove it "
@@ -325,7 +332,7 @@ def publish(
                       else f"create a {'public' if public else 'secret'} Gist")
             console.print(f"dry run: would {action} with {plan.filename} ({len(plan.content)} characters):",
                           highlight=False)
-            out.print(plan.content, markup=False, highlight=False)
+            out.print(plan.content, markup=False, highlight=False, soft_wrap=True)  # verbatim: no hard wraps
             return
         gist_id = publish_gist(gist, clean_secret(token), public, github_api_url, repo)
         console.print(f"[green]published[/green] https://gist.github.com/{gist_id} (id saved in {gist})",
@@ -336,7 +343,7 @@ def publish(
     upload = publish_model(model_dir, repo, clean_secret(token), private, report, dry_run, show_progress=True)
     out.print(upload_view(upload))
     if dry_run:
-        out.print(upload.card, markup=False, highlight=False)
+        out.print(upload.card, markup=False, highlight=False, soft_wrap=True)  # verbatim: no hard wraps
     elif upload.commit_url is None:
         console.print(f"[green]up to date[/green]: {repo} already holds every file", highlight=False)
     else:
@@ -403,10 +410,11 @@ def run_loop(config) -> None:
     from rich.markdown import Markdown
     from rich.table import Table
 
-    from moelab.run import TIME_BUDGET_S, estimate_run, plan_stages, run_stages
+    from moelab.compare import comparison_view
+    from moelab.run import TIME_BUDGET_S, all_up_to_date, estimate_run, final_comparison, plan_stages, run_stages
 
     stages = plan_stages(config)
-    estimate = estimate_run(config)
+    estimate = None if all_up_to_date(stages, config.out) else estimate_run(config)
     if estimate is not None:
         domains = f" and {estimate.domain_items} domain items" if estimate.domain_items else ""
         console.print(f"{estimate.models} models x {estimate.requests_per_model} scored choices{domains} each: about "
@@ -422,10 +430,11 @@ def run_loop(config) -> None:
                               f"  [green]done[/green] in {o.seconds:.0f} s" if o.status == "ran"
                               else "  [dim]up to date[/dim]"))
     out = StdoutConsole()
-    headlines = [Path(config.out) / "retention.md"] if config.mergekit_baseline else []
-    for headline in headlines + [Path(config.out) / "compare" / "compare.md"]:
-        if headline.is_file():
-            out.print(Markdown(headline.read_text()))
+    if config.mergekit_baseline and (Path(config.out) / "retention.md").is_file():
+        out.print(Markdown((Path(config.out) / "retention.md").read_text()))
+    comparison = final_comparison(config)
+    if comparison is not None:
+        out.print(comparison_view(comparison))
     table = Table(title=f"artifacts, in {config.out}", title_justify="left")
     for column in ("stage", "status", "files"):
         table.add_column(column)
@@ -451,9 +460,14 @@ def parse_size(text: str) -> int:
 
 
 def main() -> None:
-    # transformers' and the Hub's own progress bars and advice would bury moelab's output; users can turn them back on.
+    # Libraries' own progress bars, advice and deprecation notices (FutureWarning) would bury moelab's output and
+    # land inside chat answers; the user cannot act on them. Setting these variables (or PYTHONWARNINGS) turns
+    # them back on.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if not sys.warnoptions:
+        warnings.filterwarnings("ignore", category=FutureWarning)
     with stop_signals_unwind():
         try:
             app()

@@ -12,9 +12,10 @@ from pydantic import BaseModel, Field, ValidationError
 
 from moelab.errors import MoelabError
 from moelab.eval.domain import GROUP_PREFIX, lower_is_better
+from moelab.eval.local import model_name_of
 from moelab.eval.report import EvalReport, TaskResult, write_text_atomic
 from moelab.files import read_user_text
-from moelab.eval.suite import GROUPS, tasks_of_group
+from moelab.eval.suite import GROUPS, short_task_name, tasks_of_group
 from moelab.leaderboard import eval_reports_under, markdown_table, rich_table, save_figure_atomic
 from moelab.recipe import check_name
 
@@ -39,7 +40,8 @@ class ScoredModel:
 class Comparison:
     """Rows of a MoE-vs-experts comparison: one per task, then one per group and "Average" (Level says which).
 
-    Values are percentages (x100). "Best expert" is the expert with the highest value on that row; "Delta" is the
+    Values are percentages (x100). "Best expert" is the expert with the highest value on that row (the first of
+    them on a tie; "Tied with" names the others); "Delta" is the
     MoE minus that expert, "±" the delta's standard error, "Outcome" win/loss beyond Z_95 standard errors, else
     "within noise" ("n/a" without stderr). `routing` (optional) holds each expert's routing shares from a probe.
     """
@@ -161,9 +163,14 @@ def compare_reports(moe: ScoredModel, experts: list[ScoredModel], routing=None, 
     limited = any(m.report.limited for m in models)
     if routing is not None:  # each expert's score and task wins beside the routing it gets
         routing = routing.copy()
-        best_counts = table.loc[table["Level"] == "task", "Best expert"].value_counts()
+        task_rows = table[table["Level"] == "task"]
+        best_of_row = [[row["Best expert"], *filter(None, row["Tied with"].split(", "))]
+                       for _, row in task_rows.iterrows()]
         routing.insert(1, "Average", [table.iloc[-1][name] for name in routing["Expert"]])
-        routing.insert(2, "Best expert on (tasks)", [int(best_counts.get(name, 0)) for name in routing["Expert"]])
+        routing.insert(2, "Best expert on (tasks)", [sum(best == [name] for best in best_of_row)
+                                                     for name in routing["Expert"]])
+        routing.insert(3, "Tied best on (tasks)", [sum(name in best and len(best) > 1 for best in best_of_row)
+                                                   for name in routing["Expert"]])
     return Comparison(moe=moe.name, experts=[e.name for e in experts], table=table,
                       verdict=_verdict(table, moe.name, wins, losses, noise, moe.report.settings.limit
                                        if limited else None),
@@ -194,6 +201,7 @@ def _row(level: str, label: str, group: str, metric: str, names: list[str],
     sign = -1 if lower_better else 1
     best = max(range(len(experts)), key=lambda i: sign * experts[i][0])
     best_value, best_se = experts[best]
+    tied = [names[1 + i] for i, (value, _) in enumerate(experts) if i != best and round(value, 2) == round(best_value, 2)]
     delta = moe_value - best_value
     # Unpaired error: the two models answered the same questions, so this overstates the noise (conservative).
     delta_se = None if moe_se is None or best_se is None else math.hypot(moe_se, best_se)
@@ -206,7 +214,7 @@ def _row(level: str, label: str, group: str, metric: str, names: list[str],
     return {"Level": level, "Name": label, "Group": group, "Metric": metric,
             **{name: round(value, 2) for name, (value, _) in zip(names, scores)},
             **{f"{name} ±": None if se is None else round(se, 2) for name, (_, se) in zip(names, scores)},
-            "Best expert": names[1 + best], "Delta": round(delta, 2),
+            "Best expert": names[1 + best], "Tied with": ", ".join(tied), "Delta": round(delta, 2),
             "±": None if delta_se is None else round(delta_se, 2), "Outcome": outcome, "Complete": complete}
 
 
@@ -351,8 +359,13 @@ def _is_derived(model_ref: str) -> bool:
     return model_ref.startswith("pkg:") or "+" in model_ref or model_ref.endswith(".gguf")
 
 
+def source_label(model_ref: str) -> str:
+    """A readable name for a derived source: a GGUF's stem, MODEL+ADAPTER as model+adapter (not a cache hash)."""
+    return "+".join(Path(part.rstrip("/")).name.removesuffix(".gguf") for part in model_ref.split("+"))
+
+
 def _same_model(report: EvalReport, model_ref: str) -> bool:
-    if report.model == model_ref:
+    if model_ref in (report.model, report.model_ref):
         return True
     mine, theirs = Path(report.model), Path(model_ref)
     return mine.exists() and theirs.exists() and mine.resolve() == theirs.resolve()
@@ -379,7 +392,7 @@ def find_folder_reports(model_dir: Path, reports_dir: Path) -> FolderReports:
     model_dir = Path(model_dir)
     experts_meta = experts_of_model(model_dir)
     candidates = eval_reports_under(reports_dir)
-    moe_name = model_dir.resolve().name
+    moe_name = model_name_of(str(model_dir))
     moe_hit = pick_report(candidates, str(model_dir), Path(reports_dir) / moe_name / REPORT_FILE)
     if moe_hit is None:
         raise MoelabError(f"no report for {model_dir} under {reports_dir}; run "
@@ -389,7 +402,7 @@ def find_folder_reports(model_dir: Path, reports_dir: Path) -> FolderReports:
     for name, source in experts_meta:
         expected = report_path_for(source, reports_dir, moe_name, name)
         hit = pick_report(candidates, source, expected, like=moe.report)
-        if hit is None:
+        if hit is None or settings_differences(moe.report, hit[1]):  # made otherwise: --run-missing redoes it
             missing.append((name, source, expected))
         else:
             experts.append(ScoredModel(name, hit[1], str(hit[0])))
@@ -410,8 +423,13 @@ def evaluate_missing_experts(found: FolderReports, data_dir: Path | None, device
     by_source: dict[str, ScoredModel] = {}  # experts that share a source model are evaluated once
     for name, source, output in found.missing:
         if source not in by_source:
-            model = str(resolve_model(source)) if _is_derived(source) else source
-            by_source[source] = ScoredModel(name, run_eval(model, settings, data_dir, output), str(output))
+            if _is_derived(source):  # evaluated as its resolved folder; the report names the source
+                report = run_eval(str(resolve_model(source)), settings, data_dir, output)
+                report.model_ref, report.model_name = source, source_label(source)
+                report.save(output)
+            else:
+                report = run_eval(source, settings, data_dir, output)
+            by_source[source] = ScoredModel(name, report, str(output))
         scored[name] = replace(by_source[source], name=name)
     experts = [scored[name] for name, _ in experts_of_model(found.model_dir)]
     return FolderReports(found.model_dir, found.moe, experts, [])
@@ -427,7 +445,7 @@ def expert_tasks(moe: EvalReport, model_dir: Path, reports_dir: Path) -> list[st
         return nous
     domains = [t for t in domains_of_recipe(moe.recipe, model_dir, f"{model_dir}/moelab_recipe.yaml")
                if t.name in moe.settings.tasks]
-    tasks_file = Path(reports_dir) / f"{Path(model_dir).resolve().name}.domains.yaml"
+    tasks_file = Path(reports_dir) / f"{model_name_of(str(model_dir))}.domains.yaml"
     write_text_atomic(tasks_file, tasks_file_text(domains))
     return nous + [str(tasks_file)]
 
@@ -569,7 +587,8 @@ def comparison_sections(comparison: Comparison) -> list[tuple[str, list[str], li
     columns = ["Metric", comparison.moe, *comparison.experts, "Best expert", "Delta", "±", "Outcome"]
 
     def section(title: str, frame, first: str) -> tuple[str, list[str], list[list[str]]]:
-        return title, [first, *columns], [[_cell(row["Name"]), *(_cell(row[c]) for c in columns)]
+        return title, [first, *columns], [[_cell(row["Name"]), *(_best_cell(row) if c == "Best expert" else _cell(row[c])
+                                                                 for c in columns)]
                                           for _, row in frame.iterrows()]
 
     sections = [section("Groups", comparison.groups, "Group"), section("Tasks", comparison.tasks, "Task")]
@@ -579,6 +598,27 @@ def comparison_sections(comparison: Comparison) -> list[tuple[str, list[str], li
         sections.append(("Routing (probe, % of tokens)", list(comparison.routing.columns),
                          [[_cell(v) for v in row] for row in comparison.routing.itertuples(index=False)]))
     return sections
+
+
+def _best_cell(row) -> str:
+    """The best expert, or every expert tied for best ("chat, math")."""
+    return ", ".join([row["Best expert"], *filter(None, row["Tied with"].split(", "))])
+
+
+def compact_section(title: str, header: list[str], rows: list[list[str]], moe: str):
+    """A section narrowed for an 80-column terminal: task names without their group prefix, a metric shared by
+    every row moved into the title, Delta and its ± in one column, and the MoE's column headed "MoE"."""
+    if "±" in header:
+        at = header.index("Delta")
+        header = header[:at] + ["Delta ±"] + header[at + 2:]
+        rows = [row[:at] + [" ± ".join(filter(None, row[at:at + 2]))] + row[at + 2:] for row in rows]
+    if header[0] == "Task":
+        rows = [[short_task_name(row[0]), *row[1:]] for row in rows]
+    if "Metric" in header and len({row[header.index("Metric")] for row in rows}) == 1 and header[0] == "Task":
+        at = header.index("Metric")
+        title = f"{title} ({rows[0][at]})"
+        header, rows = header[:at] + header[at + 1:], [row[:at] + row[at + 1:] for row in rows]
+    return title, ["MoE" if name == moe else name for name in header], rows
 
 
 def comparison_notes(comparison: Comparison) -> list[str]:
@@ -603,8 +643,10 @@ def comparison_view(comparison: Comparison):
     from rich.console import Group
     from rich.text import Text
 
-    return Group(Text(comparison.verdict, style="bold"),
-                 *(rich_table(title, header, rows) for title, header, rows in comparison_sections(comparison)),
+    return Group(Text(f"Verdict: {comparison.verdict}", style="bold"),
+                 *(rich_table(*compact_section(title, header, rows, comparison.moe))
+                   for title, header, rows in comparison_sections(comparison)),
+                 Text(f"MoE: {comparison.moe}", style="dim"),
                  *(Text(note, style="dim") for note in comparison_notes(comparison)))
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 from moelab.errors import MoelabError
 from moelab.files import read_user_text, temp_file_beside
-from moelab.eval.report import EvalReport, unwritable, write_text_atomic
+from moelab.eval.report import EvalReport, measured_groups, partial_mark, unwritable, write_text_atomic
 from moelab.eval.suite import GROUPS
 
 GITHUB_API_URL = "https://api.github.com"
 COLUMNS = ["Model", *GROUPS, "Average"]
+PARTIAL_COLUMNS = [f"{g} tasks" for g in GROUPS]  # "4/18" for a group of which only some tasks ran
 # What AutoEval writes in place of a group score when that group's result file is missing.
 AUTOEVAL_MISSING_GROUP = "Error: File does not exist"
 # How moelab's own gists (eval.report.report_markdown) flag a --limit run.
@@ -30,7 +31,11 @@ SAFE_URL = re.compile(r"https?://[^\s\"'<>`]+", re.IGNORECASE)
 
 @dataclass
 class LeaderboardEntry:
-    """One model's row: group scores x100 (a missing group is absent), where they came from, where the model lives."""
+    """One model's row: group scores x100 (a missing group is absent), where they came from, where the model lives.
+
+    `partial`: groups of which only some tasks ran, as (tasks run, tasks in the group); their score is the mean of
+    the tasks that ran. `date`: when the report was made (reports only), to keep the newest of one model's rows.
+    """
 
     model: str
     scores: dict[str, float] = field(default_factory=dict)
@@ -39,6 +44,9 @@ class LeaderboardEntry:
     source: str = ""
     source_url: str | None = None
     limited: bool = False
+    partial: dict[str, tuple[int, int]] = field(default_factory=dict)
+    date: str = ""
+    from_report: bool = False
 
 
 # ---------------------------------------------------------------- reading
@@ -92,10 +100,26 @@ def _gist_number(cell: str, column: str, source: str) -> float | None:
 
 
 def entry_from_report(report: EvalReport, source: str) -> LeaderboardEntry:
-    return LeaderboardEntry(model=report.model_name, scores=dict(report.groups), average=report.average,
-                            model_url=_hub_url(report.model), source=source,
+    measured = measured_groups(report.results)
+    return LeaderboardEntry(model=report.model_name, scores={g: score for g, (score, _, _) in measured.items()},
+                            average=report.average, model_url=_hub_url(report.model), source=source,
                             source_url=f"https://gist.github.com/{report.gist_id}" if report.gist_id else None,
-                            limited=report.limited)
+                            limited=report.limited, date=report.date, from_report=True,
+                            partial={g: (ran, total) for g, (_, ran, total) in measured.items() if ran < total})
+
+
+def one_row_per_model(entries: list[LeaderboardEntry]) -> list[LeaderboardEntry]:
+    """The best-founded entry of each model: a full run over a limited one, then the one scoring more groups, a
+    report over its gist markdown (which holds less), then the newest. Entries without a Nous score (a report of
+    domain tasks only) have nothing to rank and are left out."""
+    def rank(entry: LeaderboardEntry) -> tuple:
+        return not entry.limited, len(entry.scores), entry.from_report, entry.date
+
+    best: dict[str, LeaderboardEntry] = {}
+    for entry in entries:
+        if entry.scores and (entry.model not in best or rank(entry) > rank(best[entry.model])):
+            best[entry.model] = entry
+    return list(best.values())
 
 
 def _hub_url(model: str) -> str | None:
@@ -195,14 +219,33 @@ def leaderboard_table(entries: list[LeaderboardEntry]):
 
     rows = [{"Model": e.model, **{g: e.scores.get(g, math.nan) for g in GROUPS},
              "Average": math.nan if e.average is None else e.average, "Limited": e.limited,
-             "Model URL": e.model_url, "Source": e.source, "Source URL": e.source_url} for e in entries]
-    table = pd.DataFrame(rows, columns=[*COLUMNS, "Limited", "Model URL", "Source", "Source URL"])
+             **{f"{g} tasks": "{}/{}".format(*e.partial[g]) if g in e.partial else "" for g in GROUPS},
+             "Model URL": e.model_url, "Source": e.source, "Source URL": e.source_url}
+            for e in one_row_per_model(entries)]
+    table = pd.DataFrame(rows, columns=[*COLUMNS, "Limited", *PARTIAL_COLUMNS, "Model URL", "Source", "Source URL"])
     return table.sort_values(["Average", "Model"], ascending=[False, True], na_position="last",
                              kind="stable").reset_index(drop=True)
 
 
 def _score(value: float) -> str:
     return "" if math.isnan(value) else f"{value:.2f}"
+
+
+def _score_cell(row, column: str) -> str:
+    """A group score, marked "(4/18 tasks)" when only some of the group's tasks ran."""
+    tasks = row.get(f"{column} tasks") or ""
+    return " ".join(filter(None, [_score(row[column]), partial_mark(*map(int, tasks.split("/"))) if tasks else ""]))
+
+
+def _notes(table) -> list[str]:
+    notes = []
+    if table["Limited"].any():
+        notes.append("(limited): evaluated with --limit, at most that many examples per task; not comparable to full "
+                     "runs.")
+    if (table[PARTIAL_COLUMNS] != "").any().any():
+        notes.append("(n/m tasks): a partial group, the mean of the n tasks that ran; Average needs all four full "
+                     "groups.")
+    return notes
 
 
 def _link(row, column: str) -> str | None:
@@ -234,14 +277,22 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def rich_table(title: str | None, header: list[str], rows: list[list[str]]):
-    """The terminal twin of markdown_table: numbers right-aligned, the first column never wrapped."""
+    """The terminal twin of markdown_table: numbers right-aligned; one space between columns and long words folded,
+    so that it stays readable in 80 columns."""
     from rich import box
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, title_style="bold")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, title_style="bold", collapse_padding=True,
+                  pad_edge=False)
     for i, name in enumerate(header):
         numeric = all(_is_number(r[i]) or not r[i] for r in rows)
-        table.add_column(name, justify="right" if numeric else "left", no_wrap=i == 0)
+        # Numbers never break; the first column (names) keeps up to 16 characters before it folds; other text
+        # wraps at 8 characters (or its longest word), which rich's own shrinking does not do reliably.
+        longest = max((len(r[i]) for r in rows), default=0)
+        longest_word = max((len(word) for r in [header, *rows] for word in r[i].split()), default=0)
+        table.add_column(name, justify="right" if numeric else "left", overflow="fold",
+                         min_width=longest if numeric else min(16, longest) if i == 0 else None,
+                         max_width=None if numeric or i == 0 else max(8, longest_word))
     for row in rows:
         table.add_row(*row)
     return table
@@ -256,18 +307,19 @@ def _is_number(text: str) -> bool:
 
 
 def leaderboard_markdown(table) -> str:
-    rows = [[_model_markdown(row), *(_score(row[c]) for c in COLUMNS[1:])] for _, row in table.iterrows()]
-    text = markdown_table(COLUMNS, rows)
-    if table["Limited"].any():
-        text += "\n\n*(limited)*: evaluated with `--limit`; not comparable to full runs."
-    return text + "\n"
+    rows = [[_model_markdown(row), *(_score_cell(row, c) for c in COLUMNS[1:])] for _, row in table.iterrows()]
+    return "\n\n".join([markdown_table(COLUMNS, rows), *(f"*{note}*" for note in _notes(table))]) + "\n"
 
 
 def leaderboard_view(table):
-    """The leaderboard as a rich table for the terminal (links are in the markdown and HTML files)."""
-    rows = [[row["Model"] + (" (limited)" if row["Limited"] else ""), *(_score(row[c]) for c in COLUMNS[1:])]
+    """The leaderboard as rich renderables for the terminal (links are in the markdown and HTML files)."""
+    from rich.console import Group
+    from rich.text import Text
+
+    rows = [[row["Model"] + (" (limited)" if row["Limited"] else ""), *(_score_cell(row, c) for c in COLUMNS[1:])]
             for _, row in table.iterrows()]
-    return rich_table("Leaderboard (Nous suite)", COLUMNS, rows)
+    return Group(rich_table("Leaderboard (Nous suite)", COLUMNS, rows),
+                 *(Text(note, style="dim") for note in _notes(table)))
 
 
 def leaderboard_html(table) -> str:
@@ -281,10 +333,12 @@ def leaderboard_html(table) -> str:
 
     body = "\n".join(
         f'<tr><td data-sort="{html.escape(row["Model"].lower())}">{model_cell(row)}</td>'
-        + "".join(f'<td data-sort="{"" if math.isnan(row[c]) else row[c]}">{_score(row[c])}</td>' for c in COLUMNS[1:])
+        + "".join(f'<td data-sort="{"" if math.isnan(row[c]) else row[c]}">{html.escape(_score_cell(row, c))}</td>'
+                  for c in COLUMNS[1:])
         + "</tr>" for _, row in table.iterrows())
     header = "".join(f"<th>{c}</th>" for c in COLUMNS)
-    return _HTML_PAGE.replace("{header}", header).replace("{body}", body)
+    notes = "".join(f"<p><em>{html.escape(note)}</em></p>\n" for note in _notes(table))
+    return _HTML_PAGE.replace("{header}", header).replace("{body}", body).replace("{notes}", notes)
 
 
 _HTML_PAGE = """<!DOCTYPE html>
@@ -304,7 +358,7 @@ th.asc::after { content: " \\25B2"; } th.desc::after { content: " \\25BC"; }
 <tbody>
 {body}
 </tbody></table>
-<script>
+{notes}<script>
 document.querySelectorAll("#leaderboard th").forEach((th, column) => th.addEventListener("click", () => {
   const tbody = document.querySelector("#leaderboard tbody");
   // first click: names A to Z, scores best first; a second click reverses
@@ -333,21 +387,22 @@ def plot_leaderboard(table, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     labels = [f"{m} (limited)" if lim else m for m, lim in zip(table["Model"], table["Limited"])]
-    series = COLUMNS[1:]
-    bar_height = 0.8 / len(series)
+    series = [c for c in COLUMNS[1:] if table[c].notna().any()]  # only what was measured: no empty bars
+    bar_height = 0.8 / max(len(series), 1)
     figure, axes = plt.subplots(figsize=(10, 1.6 + 0.9 * len(table)), layout="constrained")
     for i, column in enumerate(series):
-        positions = [row - 0.4 + bar_height * (i + 0.5) for row in range(len(table))]
-        values = table[column].fillna(0).tolist()
-        bars = axes.barh(positions, values, height=bar_height, label=column,
-                         color="black" if column == "Average" else None)
-        axes.bar_label(bars, labels=[_score(v) or "n/a" for v in table[column]], padding=2, fontsize=7)
+        measured = [(row, value) for row, value in enumerate(table[column]) if not math.isnan(value)]
+        bars = axes.barh([row - 0.4 + bar_height * (i + 0.5) for row, _ in measured], [v for _, v in measured],
+                         height=bar_height, label=column, color="black" if column == "Average" else f"C{i}")
+        axes.bar_label(bars, labels=[_score_cell(table.iloc[row], column) for row, _ in measured], padding=2,
+                       fontsize=7)
     axes.set_yticks(range(len(table)), labels)
     axes.invert_yaxis()
-    axes.set_xlim(0, 105)
+    axes.set_xlim(0, 115)
     axes.set_xlabel("score (%)")
-    axes.set_title("Nous suite leaderboard")
-    figure.legend(loc="outside lower center", fontsize=8, ncols=len(series))
+    axes.set_title("Nous suite leaderboard" + ("" if series else ": no group scores to show"))
+    if series:
+        figure.legend(loc="outside lower center", fontsize=8, ncols=len(series))
     return save_figure_atomic(figure, path)
 
 

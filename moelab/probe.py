@@ -185,26 +185,43 @@ class MoeModel:
         return next(self.model.parameters()).device
 
 
+# config.json keys of the expert count: mixtral's, then qwen2_moe's and qwen3_moe's.
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts")
+
+
+def moe_folder(model_ref: str) -> tuple[Path, list[str]]:
+    """The local folder of a MoE model and its expert names, checked from config.json before any weight is read."""
+    from moelab.build.sources import resolve_model
+
+    folder = resolve_model(model_ref)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise MoelabError(f"cannot read {folder / 'config.json'} ({err}); point to a model folder") from None
+    count = next((config[key] for key in EXPERT_COUNT_KEYS if isinstance(config.get(key), int)), 0)
+    if count < 1:
+        raise MoelabError(f"not a Mixture-of-Experts model: the config.json of {model_ref} ({config.get('model_type')}) "
+                          "has no experts; chat shows routing for mixtral, qwen2_moe and qwen3_moe models (e.g. from "
+                          "moelab build)")
+    return folder, expert_names_for(folder, count)
+
+
 def load_moe(model_ref: str, device: str = "auto", dtype: str = "auto") -> MoeModel:
     """Load a MoE model folder (or Hub id) for generation with routing capture."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moelab.build.gates import resolve_device
-    from moelab.build.sources import resolve_model
     from moelab.recipe import DTYPES
 
     if dtype != "auto" and dtype.lower() not in DTYPES:
         raise MoelabError(f"unknown dtype '{dtype}'; use auto, bfloat16, float16 or float32")
-    folder = resolve_model(model_ref)
+    folder, expert_names = moe_folder(model_ref)
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype="auto" if dtype == "auto" else getattr(torch, DTYPES[dtype.lower()]),
         device_map=resolve_device(device))
     model.eval()
-    recorder = RoutingRecorder(model)
-    num_experts = int(recorder.routers[0].module.weight.shape[0])
-    return MoeModel(model, AutoTokenizer.from_pretrained(folder), folder, expert_names_for(folder, num_experts),
-                    recorder)
+    return MoeModel(model, AutoTokenizer.from_pretrained(folder), folder, expert_names, RoutingRecorder(model))
 
 
 def route_tokens(moe: MoeModel, token_ids: Sequence[int]) -> RoutingTrace:

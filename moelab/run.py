@@ -243,23 +243,37 @@ def run_stages(stages: list[Stage], out: Path, on_start: Callable[[Stage], None]
     failure starts at the failed stage."""
     from moelab.eval.report import write_text_atomic
 
-    stamps_file = Path(out) / STAMPS_FILE
-    stamps = json.loads(stamps_file.read_text()) if stamps_file.is_file() else {}
+    stamps = _read_stamps(out)
     outcomes = []
     for stage in stages:
         started = time.perf_counter()
         on_start(stage)
-        if all(p.exists() for p in stage.outputs) and stage.name in stamps and stamps[stage.name] == stage.key():
+        if _is_current(stage, stamps):
             outcome = StageOutcome(stage.name, "up to date", 0.0, stage.outputs)
         else:
             stamps.pop(stage.name, None)
             stage.run()
             stamps[stage.name] = stage.key()
-            write_text_atomic(stamps_file, json.dumps(stamps, indent=1) + "\n")
+            write_text_atomic(Path(out) / STAMPS_FILE, json.dumps(stamps, indent=1) + "\n")
             outcome = StageOutcome(stage.name, "ran", time.perf_counter() - started, stage.outputs)
         outcomes.append(outcome)
         on_done(outcome)
     return outcomes
+
+
+def all_up_to_date(stages: list[Stage], out: Path) -> bool:
+    """True when a run would skip every stage (checked in order: a stage's key may need the previous outputs)."""
+    stamps = _read_stamps(out)
+    return all(_is_current(stage, stamps) for stage in stages)
+
+
+def _read_stamps(out: Path) -> dict[str, str]:
+    stamps_file = Path(out) / STAMPS_FILE
+    return json.loads(stamps_file.read_text()) if stamps_file.is_file() else {}
+
+
+def _is_current(stage: Stage, stamps: dict[str, str]) -> bool:
+    return all(p.exists() for p in stage.outputs) and stage.name in stamps and stamps[stage.name] == stage.key()
 
 
 # ---------------------------------------------------------------- the stages' work: calls into the other modules
@@ -397,6 +411,19 @@ def _retention(paths: RunPaths) -> None:
                       f"weights, hidden router rows: {paths.baseline_dir.name}).\n\n{markdown_table(header, body)}\n")
 
 
+def final_comparison(config: RunConfig):
+    """The comparison that the compare stage wrote, read again from its reports (to print it); None before it ran."""
+    from moelab.compare import compare_inputs
+    from moelab.recipe import load_recipe
+
+    recipe = load_recipe(config.recipe)[0]
+    paths = RunPaths(Path(config.out), run_name(recipe, Path(config.recipe)))
+    if not (paths.compare_dir / "compare.md").is_file():
+        return None
+    return compare_inputs([paths.model_dir], paths.reports_dir,
+                          probe=paths.probe_json if paths.probe_json.is_file() else None)
+
+
 def _report_markdown(paths: RunPaths) -> None:
     from moelab.eval.report import EvalReport, report_markdown, write_text_atomic
 
@@ -435,13 +462,14 @@ def nous_tasks(config: RunConfig):
 
 def _data_files(config: RunConfig) -> list[Path]:
     """The local task files the eval reads (their size goes into the eval key), checked up front."""
-    if config.data_dir is None:
-        return []
-    from moelab.eval.local import check_data_files
+    from moelab.eval.local import check_data_files, resolve_data_dir
 
+    data_dir = resolve_data_dir(config.data_dir)
+    if data_dir is None:
+        return []
     tasks = nous_tasks(config)
-    check_data_files(tasks, Path(config.data_dir))
-    return [Path(config.data_dir) / t.data_file for t in tasks]
+    check_data_files(tasks, data_dir)
+    return [data_dir / t.data_file for t in tasks]
 
 
 # ---------------------------------------------------------------- the demo
@@ -493,15 +521,17 @@ def estimate_run(config: RunConfig) -> Optional[RunEstimate]:
     """A fresh run's time on 2 CPU cores, from the examples and choices it will score and the domain tasks' items
     (None without local data)."""
     from moelab.eval.domain import domains_of_recipe
+    from moelab.eval.local import resolve_data_dir
     from moelab.recipe import load_recipe
 
-    if config.data_dir is None:
+    data_dir = resolve_data_dir(config.data_dir)
+    if data_dir is None:
         return None
     recipe, recipe_text = load_recipe(config.recipe)
     models = 1 + len({e.source_model for e in recipe.experts})
     requests = 0
     for task in nous_tasks(config):
-        with (Path(config.data_dir) / task.data_file).open() as rows:
+        with (data_dir / task.data_file).open() as rows:
             for n, line in enumerate(rows):
                 if config.limit is not None and n >= config.limit:
                     break

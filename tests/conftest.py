@@ -118,7 +118,7 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+SHIPPED_DATA_DIR = Path(__file__).resolve().parents[1] / "moelab" / "data"  # `--data-dir pkg:moelab/data`
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "moelab" / "recipes" / "demo-smollm2.yaml"
 
 
@@ -136,10 +136,8 @@ def demo_moe_dir(tmp_path_factory, smollm2_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def heldout_prompts() -> dict[str, list[str]]:
-    """Held-out prompts per demo domain: chat (written here), math and code (the shared experts' held-out sets)."""
-    data = SHARED_DIR / "experts" / "data"
-    if not data.is_dir():
-        pytest.skip(f"{data} is missing: the shared experts' held-out data lives beside the checkout")
+    """Held-out prompts per demo domain: chat (written here), math and code (the experts' held-out sets, shipped)."""
+    data = SHIPPED_DATA_DIR / "heldout"
     read = lambda name: [json.loads(line) for line in (data / name).read_text().splitlines()]  # noqa: E731
     return {
         "chat": ["What should I cook for dinner tonight?", "Can you help me plan a weekend trip to the mountains?",
@@ -147,6 +145,6 @@ def heldout_prompts() -> dict[str, list[str]]:
                  "Write a haiku about autumn leaves.", "How do I keep my houseplants alive?",
                  "Tell me a joke about cats.", "What are good habits for staying focused while studying?",
                  "Describe your ideal vacation.", "Who was Marie Curie?"],
-        "math": [row["question"] for row in read("arith_heldout.jsonl")[:20]],
-        "code": [row["text"][:300] for row in read("code_heldout.jsonl")[:20]],
+        "math": [row["question"] for row in read("arith.jsonl")[:20]],
+        "code": [row["text"][:300] for row in read("code.jsonl")[:20]],
     }

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,6 +69,21 @@ def test_a_limited_run_is_flagged_in_the_card():
     card = model_card(recipe, text, "mixtral", [], report=report, licenses={})
 
     assert "**Limited run**: at most 10 examples per task" in card
+    # Hub metadata cannot mark a score as limited, so limited scores stay out of model-index.
+    assert ModelCard(card).data.eval_results is None and "model-index" not in card
+
+
+def test_the_cards_usage_code_runs_against_the_built_model(tiny_moe_dir, tmp_path):
+    card = (tiny_moe_dir / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0].replace("path/to/this/folder", str(tiny_moe_dir))
+    (tmp_path / "usage.py").write_text(code)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+    done = subprocess.run([sys.executable, str(tmp_path / "usage.py")], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip()  # the decoded answer of a random model: some text
 
 
 def test_license_comes_from_the_sources_and_is_left_out_when_they_differ_or_are_unknown(tmp_path):

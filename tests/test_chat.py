@@ -110,8 +110,25 @@ def test_cli_probe_prints_json_and_the_same_as_a_table(tmp_path, tiny_tokenizer_
     assert f"coefficient of variation {report['load_balance_cv']:.3f}" in table
 
 
-def test_cli_refuses_a_dense_model_in_one_line(tiny_dense):
-    result = run_cli("chat", tiny_dense("dense"), "--prompt", "hi")
-    assert result.returncode == 2
+def without_weights(folder: Path) -> Path:
+    """The model folder with its weights replaced by garbage: loading them would fail, checking the inputs not."""
+    for shard in folder.glob("*.safetensors"):
+        shard.write_bytes(b"not safetensors")
+    return folder
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "not a Mixture-of-Experts model: no router found" in lines[0], result.stderr
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_cli_refuses_a_dense_model_from_its_config_before_loading_weights(tiny_dense):
+    line = one_error_line(run_cli("chat", without_weights(tiny_dense("dense")), "--prompt", "hi"))
+    assert "not a Mixture-of-Experts model: the config.json of" in line and "(llama) has no experts" in line
+
+
+def test_cli_checks_the_probe_file_before_loading_the_model(random_moe, tmp_path):
+    line = one_error_line(run_cli("chat", without_weights(random_moe()), "--probe", tmp_path / "missing.yaml"))
+    assert "cannot read probe file" in line and "missing.yaml" in line

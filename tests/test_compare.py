@@ -14,12 +14,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from moelab.compare import compare_inputs, compare_reports, comparison_markdown, ScoredModel, write_comparison
+from moelab.compare import (compare_inputs, compare_reports, comparison_markdown, comparison_view, ScoredModel,
+                            write_comparison)
 from moelab.errors import MoelabError
 from moelab.eval.report import EvalReport, EvalSettings, TaskResult, group_scores, overall_average
 from moelab.eval.suite import NOUS_TASKS
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHIPPED_DATA = "pkg:moelab/data"  # the BIG-bench subset shipped with moelab
 TASKS = [("bigbench_navigate", "Bigbench", "multiple_choice_grade", 0.02),
          ("bigbench_snarks", "Bigbench", "multiple_choice_grade", 0.03),
          ("bigbench_sports_understanding", "Bigbench", "multiple_choice_grade", 0.02),
@@ -134,7 +135,8 @@ def test_outputs_markdown_csv_and_png(tmp_path):
     assert [c.strip() for c in row.split("|")[1:-1]] == ["bigbench_navigate", "multiple_choice_grade", "70.00",
                                                          "60.00", "62.00", "code", "8.00", "2.83", "win"]
     csv = pd.read_csv(written[1])
-    pd.testing.assert_frame_equal(csv, comparison.table.astype({"±": float}), check_dtype=False)
+    pd.testing.assert_frame_equal(csv.fillna({"Tied with": ""}), comparison.table.astype({"±": float}),
+                                  check_dtype=False)
     assert written[2].read_bytes().startswith(b"\x89PNG")
 
 
@@ -146,11 +148,12 @@ def test_routing_shares_from_a_probe_file(tmp_path):
         report.save(tmp_path / name / "nous.json")
     comparison = compare_inputs([tmp_path / n / "nous.json" for n in ("moe", "math", "code")], probe=probe)
     expected = pd.DataFrame({"Expert": ["math", "code"], "Average": [50.5, 49.5], "Best expert on (tasks)": [2, 2],
+                             "Tied best on (tasks)": [0, 0],
                              "Domain tokens routed to it": [80.0, math.nan],  # no code prompts: no domain share
                              "Share of all tokens": [62.5, 37.5]})
     pd.testing.assert_frame_equal(comparison.routing, expected, check_dtype=False)
     row = next(line for line in comparison_markdown(comparison).splitlines() if line.startswith("| math "))
-    assert [c.strip() for c in row.split("|")[1:-1]] == ["math", "50.50", "2", "80.00", "62.50"]
+    assert [c.strip() for c in row.split("|")[1:-1]] == ["math", "50.50", "2", "0", "80.00", "62.50"]
 
     probe.write_text(json.dumps({"expert_names": ["E0", "E1"], "accuracy_per_expert": {}, "usage": {}}))
     with pytest.raises(MoelabError, match="the probe routed experts E0, E1, but the comparison has math, code"):
@@ -220,7 +223,6 @@ def make_lora_adapter(base: Path, out: Path) -> Path:
     return out
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "bigbench").is_dir(), reason="needs ../shared/data/bigbench")
 def test_real_eval_of_a_tiny_moe_and_its_experts(tmp_path, tiny_dense, monkeypatch):
     """eval the MoE for real; compare MODEL_DIR --run-missing then evaluates both experts with its settings (one a
     MODEL+LORA source, evaluated on its merged folder) and routes labelled prompts through the MoE."""
@@ -239,12 +241,12 @@ def test_real_eval_of_a_tiny_moe_and_its_experts(tmp_path, tiny_dense, monkeypat
               recipe_dir=tmp_path)
     reports = tmp_path / "reports"
     settings = EvalSettings(tasks=["bigbench_navigate", "bigbench_snarks"], limit=4)
-    run_eval(str(model_dir), settings, SHARED_DATA, reports / "tiny-moe" / "nous.json")
+    run_eval(str(model_dir), settings, SHIPPED_DATA, reports / "tiny-moe" / "nous.json")
     prompts = tmp_path / "prompts.yaml"
     prompts.write_text(yaml.safe_dump([{"expert": "math", "text": "Two plus three is five."},
                                        {"expert": "code", "text": "def add(a, b):\n    return a + b"}]))
 
-    comparison = compare_inputs([model_dir], reports, run_missing=True, data_dir=SHARED_DATA, device="cpu",
+    comparison = compare_inputs([model_dir], reports, run_missing=True, data_dir=SHIPPED_DATA, device="cpu",
                                 probe=prompts)
 
     assert sorted(p.name for p in reports.iterdir()) == ["math", "tiny-moe", "tiny-moe.code"]
@@ -252,6 +254,8 @@ def test_real_eval_of_a_tiny_moe_and_its_experts(tmp_path, tiny_dense, monkeypat
                       for name, folder in [("math", "math"), ("code", "tiny-moe.code")]}
     assert expert_reports["math"].model == str(math_model)
     assert Path(expert_reports["code"].model).parent == tmp_path / "cache" / "lora"  # the merged folder
+    assert expert_reports["code"].model_ref == code_source  # ... of the recipe's source, which names it
+    assert expert_reports["code"].model_name == "math+code-lora"
     assert all(r.settings.limit == 4 and [t.n for t in r.results] == [4, 4] for r in expert_reports.values())
     assert comparison.experts == ["math", "code"] and comparison.limited
     for name, report in expert_reports.items():
@@ -263,3 +267,41 @@ def test_real_eval_of_a_tiny_moe_and_its_experts(tmp_path, tiny_dense, monkeypat
 
     # A second compare finds the derived expert's report where --run-missing put it, and evaluates nothing.
     pd.testing.assert_frame_equal(compare_inputs([model_dir], reports).table, comparison.table)
+    # Given as report files, the experts are named as in the MoE's recipe, not after their (cache) folders.
+    by_files = compare_inputs([reports / "tiny-moe" / "nous.json", reports / "math" / "nous.json",
+                               reports / "tiny-moe.code" / "nous.json"])
+    assert by_files.experts == ["math", "code"]
+    assert by_files.table["Best expert"].isin(["math", "code"]).all()
+
+
+def test_ties_for_best_expert_are_shown_and_counted_for_every_tied_expert():
+    moe = make_report("SmolLM2-3x135M-demo", [0.5, 0.5, 0.5, 0.5])
+    chat, math_, code = (make_report("chat", [0.6, 0.5, 0.5, 0.4]), make_report("math", [0.6, 0.4, 0.3, 0.4]),
+                         make_report("code", [0.2, 0.5, 0.4, 0.4]))
+    routing = pd.DataFrame({"Expert": ["chat", "math", "code"], "Domain tokens routed to it": [90.0, 80.0, 70.0],
+                            "Share of all tokens": [30.0, 30.0, 40.0]})
+
+    comparison = compare_reports(scored(moe), [scored(chat), scored(math_), scored(code)], routing)
+
+    assert comparison.tasks["Tied with"].tolist() == ["math", "code", "", "math, code"]
+    counts = comparison.routing.set_index("Expert")
+    assert counts["Best expert on (tasks)"].tolist() == [1, 0, 0]  # sports_understanding, alone
+    assert counts["Tied best on (tasks)"].tolist() == [3, 2, 2]
+    tasks_md = comparison_markdown(comparison).split("### Tasks")[1]
+    assert "| chat, math, code |" in tasks_md
+
+
+def test_the_terminal_view_fits_80_columns_with_short_task_labels():
+    from rich.console import Console
+
+    names = ["chat", "math", "code"]
+    comparison = compare_reports(scored(make_report("SmolLM2-3x135M-demo", [0.5, 0.5, 0.5, 0.5])),
+                                 [scored(make_report(n, [0.6, 0.4, 0.5, 0.45])) for n in names])
+    console = Console(width=80, record=True)
+    console.print(comparison_view(comparison))
+    text = console.export_text()
+
+    assert max(map(len, text.splitlines())) <= 80 and "…" not in text
+    assert " navigate " in text and "bigbench_navigate" not in text  # the group prefix is dropped
+    assert "Tasks (multiple_choice_grade)" not in text  # two metrics in this table: the column stays
+    assert "within" in text and "MoE: SmolLM2-3x135M-demo" in text

@@ -135,7 +135,7 @@ def test_outputs_markdown_csv_html_and_png(tmp_path):
                                                               "25.00", "25.00"]
     assert [c.strip() for c in lines[4].split("|")[1:-1]] == [
         "[SmolLM2-MoE-2x135M](https://huggingface.co/moelab/SmolLM2-MoE-2x135M)", "26.07", "43.40", "40.51", "", ""]
-    assert "evaluated with `--limit`" in markdown
+    assert "evaluated with --limit" in markdown
 
     csv = pd.read_csv(tmp_path / "out" / "leaderboard.csv")
     assert csv["Model"].tolist() == ["llama3-alpaca-dpo-instruct", "moe-limited", "SmolLM2-MoE-2x135M"]
@@ -209,3 +209,39 @@ def test_cli_ranks_a_folder_and_a_gist_and_never_prints_the_token(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "cannot read the AGIEval score '3O.67'" in bad.stderr
+
+
+def demo_like_report(limit: int = 6) -> EvalReport:
+    """What `moelab demo` measures: 4 of the 18 Bigbench tasks, --limit 6, no other group."""
+    tasks = [t for t in NOUS_TASKS if t.group == "Bigbench"][:4]
+    results = [TaskResult(t.name, t.group, t.metric, v, 0.2, limit, "1", 0) for t, v in zip(tasks, (0.5, 0.5, 1, 0))]
+    return EvalReport(model="/reports/demo/SmolLM2-3x135M-demo", model_name="SmolLM2-3x135M-demo",
+                      settings=EvalSettings(tasks=[t.name for t in tasks], limit=limit), results=results,
+                      groups=group_scores(results), limited=True, date="2026-12-01T09:00:00+00:00")
+
+
+def test_a_partial_limited_run_shows_what_was_measured_once_per_model(tmp_path):
+    from matplotlib.image import imread
+
+    report = demo_like_report()
+    report.save(tmp_path / "reports" / "SmolLM2-3x135M-demo" / "nous.json")
+    gist_markdown = report_markdown(report)
+    (tmp_path / "SmolLM2-3x135M-demo-Nous.md").write_text(gist_markdown)  # the same model, as the demo writes it
+
+    assert "Average: 50.0% (partial: 4 of 18 tasks, not the group's score)" in gist_markdown
+    assert "Average: %" not in gist_markdown
+    table = leaderboard_table(collect_entries([str(tmp_path)]))
+    assert table["Model"].tolist() == ["SmolLM2-3x135M-demo"]  # one row, from the report (the gist holds less)
+    assert table["Source"][0].endswith("nous.json")
+    write_leaderboard(table, tmp_path / "board")
+
+    row = (tmp_path / "board" / "leaderboard.md").read_text().splitlines()[2]
+    assert [c.strip() for c in row.split("|")[1:-1]] == ["SmolLM2-3x135M-demo *(limited)*", "", "", "",
+                                                         "50.00 (4/18 tasks)", ""]
+    assert "a partial group" in (tmp_path / "board" / "leaderboard.md").read_text()
+    assert pd.read_csv(tmp_path / "board" / "leaderboard.csv")["Bigbench tasks"].tolist() == ["4/18"]
+    assert ">50.00 (4/18 tasks)</td>" in (tmp_path / "board" / "leaderboard.html").read_text()
+    # The chart has the measured bar: pixels of the first series colour (matplotlib's C0, #1f77b4).
+    pixels = imread(tmp_path / "board" / "leaderboard.png")[..., :3]
+    c0 = ((abs(pixels - [0x1f / 255, 0x77 / 255, 0xb4 / 255]) < 0.02).all(axis=-1)).sum()
+    assert c0 > 500

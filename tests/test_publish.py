@@ -308,14 +308,18 @@ def test_cli_publishes_a_model_and_a_gist(hub, gh, moe_dir, tmp_path):
 def test_cli_dry_run_and_user_errors(moe_dir, tmp_path):
     report = write_report(tmp_path / "nous.json")
 
-    dry = run_cli(str(moe_dir), "--repo", REPO, "--dry-run", HF_ENDPOINT="http://127.0.0.1:9")
-    gist_dry = run_cli("--gist", str(report), "--dry-run")
+    dry = run_cli(str(moe_dir), "--repo", REPO, "--dry-run", HF_ENDPOINT="http://127.0.0.1:9", COLUMNS="80")
+    gist_dry = run_cli("--gist", str(report), "--dry-run", COLUMNS="80")
     no_token = run_cli(str(moe_dir), "--repo", REPO, HF_ENDPOINT="http://127.0.0.1:9",
                        HF_TOKEN_PATH=str(tmp_path / "none"))
     both = run_cli(str(moe_dir), "--gist", str(report))
 
     assert dry.returncode == 0 and "not checked" in dry.stdout and "frankenmoe" in dry.stdout
     assert "## Recipe" in dry.stdout
+    # Printed verbatim in an 80-column terminal: markdown table rows longer than that are not hard-wrapped.
+    card = publish_model(moe_dir, REPO, None, dry_run=True).card
+    assert max(map(len, card.splitlines())) > 80 and card in dry.stdout
+    assert plan_gist(report, False, None).content in gist_dry.stdout
     assert gist_dry.returncode == 0 and "would create a secret Gist with tiny-moe-Nous.md" in gist_dry.stderr
     assert "Average score: 50.0%" in gist_dry.stdout
     assert no_token.returncode == 2 and "no Hugging Face token" in no_token.stderr

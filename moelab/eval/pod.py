@@ -3,7 +3,7 @@
 It reads everything from its environment (set by moelab.eval.remote.pod_spec): MOELAB_MODEL (Hub repo id),
 MOELAB_EVAL_SETTINGS (EvalSettings JSON), MOELAB_GIST_ID, GITHUB_TOKEN, HF_TOKEN (optional, read by the Hub client),
 MOELAB_KEEP_POD; RunPod adds RUNPOD_POD_ID and a pod-scoped RUNPOD_API_KEY. MOELAB_DATA_DIR (optional) points at
-the datasets in a custom image instead of the Hub. Its output is the pod's log.
+the datasets in a custom image instead of the Hub (a folder, or pkg:moelab/data). Its output is the pod's log.
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ ERROR_TAIL_LINES = 30
 def evaluate_and_post(env: dict[str, str]) -> int:
     """Run the eval and post the report (exit 0) or the error (exit 1) to the run's gist."""
     from moelab.eval import EvalSettings, report_markdown, run_eval
+    from moelab.eval.local import resolve_data_dir
 
     secret_values = tuple(env[name] for name in POD_SECRET_NAMES if env.get(name))
     channel = GistChannel.open(clean_secret(env["GITHUB_TOKEN"]), env[POD_ENV_GIST])
     try:
         settings = EvalSettings(**json.loads(env[POD_ENV_SETTINGS]))
-        data_dir = Path(env["MOELAB_DATA_DIR"]) if env.get("MOELAB_DATA_DIR") else None
+        data_dir = resolve_data_dir(env.get("MOELAB_DATA_DIR") or None)
         with tempfile.TemporaryDirectory() as tmp:
             report = run_eval(env[POD_ENV_MODEL], settings, data_dir, Path(tmp) / "report.json")
         report.gist_id = env[POD_ENV_GIST]
@@ -73,6 +74,7 @@ def remove_this_pod(env: dict[str, str]) -> None:
 
 def main() -> int:
     env = dict(os.environ)
+    print(f"moelab {Path(__file__).resolve().parents[1]}", flush=True)  # which install runs, for the pod's log
     try:
         return evaluate_and_post(env)
     except MoelabError as err:  # the gist itself is unreachable: only the pod's log can tell

@@ -1,8 +1,9 @@
 """`moelab eval --remote runpod`: rent a RunPod GPU pod, run the eval there, read the report back, never leak the pod.
 
 How it works (both sides of the wire):
-1. Local: create a secret GitHub Gist for this run (GITHUB_TOKEN, gist scope), then a pod whose start command
-   pip-installs moelab and runs `python -m moelab.eval.pod`. The model (a Hub repo id), the eval settings and the
+1. Local: create a secret GitHub Gist for this run (GITHUB_TOKEN, gist scope) holding a wheel of this moelab
+   (moelab/eval/delivery.py), then a pod whose start command installs it (or --install) and runs
+   `python -m moelab.eval.pod`. The model (a Hub repo id), the eval settings and the
    gist id travel as pod environment variables, and so do the secrets the pod needs (GITHUB_TOKEN, HF_TOKEN if set).
    The RunPod API key never leaves this machine.
 2. Pod (moelab/eval/pod.py): run the same `run_eval`, write the EvalReport JSON and its AutoEval markdown into the
@@ -24,15 +25,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from moelab import __version__
 from moelab.errors import MoelabError, check_number
+from moelab.eval.delivery import (POD_ENV_INSTALL, POD_ENV_WHEEL, WHEEL_SUFFIX, bootstrap_source, check_install,
+                                  wheel_file_name)
 from moelab.eval.report import EvalReport, EvalSettings
 from moelab.redact import clean_secret, mask, secret_from_env
 from moelab.signals import Interrupted, stop_signals_deferred, stop_signals_unwind
 
 DEFAULT_GPU = "NVIDIA A100 80GB PCIe"  # 80 GB holds a 4x7B frankenMoE in float16
 DEFAULT_IMAGE = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
-DEFAULT_INSTALL = f"moelab[eval]=={__version__}"
 CLOUDS = ("secure", "community")
 PODS_CONSOLE_URL = "https://www.console.runpod.io/pods"
 # A pod that has no running container after this long is not coming (no capacity, image pull stuck).
@@ -53,6 +54,7 @@ POD_ENV_MODEL = "MOELAB_MODEL"
 POD_ENV_SETTINGS = "MOELAB_EVAL_SETTINGS"
 POD_ENV_GIST = "MOELAB_GIST_ID"
 POD_ENV_KEEP = "MOELAB_KEEP_POD"
+POD_ENV_BOOTSTRAP = "MOELAB_BOOTSTRAP"  # the source of moelab/eval/bootstrap.py, which the start command runs
 POD_SECRET_NAMES = ("GITHUB_TOKEN", "HF_TOKEN")
 
 
@@ -64,7 +66,7 @@ class RemoteOptions:
     image: str = DEFAULT_IMAGE
     disk_gb: int = 100
     timeout_min: float = 240.0
-    install: str = DEFAULT_INSTALL
+    install: str | None = None  # pip argument for moelab on the pod; None: this moelab, as a wheel in the Gist
     keep_pod: bool = False
 
 
@@ -81,6 +83,11 @@ class Secrets:
 
     def values(self) -> tuple[str, ...]:
         return tuple(v for v in (self.runpod_api_key, self.github_token, self.hf_token) if v)
+
+    def missing(self) -> list[str]:
+        """The variables a real run needs but this one lacks (RUNPOD_API_KEY, GITHUB_TOKEN)."""
+        return [name for name, value in (("RUNPOD_API_KEY", self.runpod_api_key), ("GITHUB_TOKEN", self.github_token))
+                if not value]
 
 
 @dataclass
@@ -99,6 +106,8 @@ class PodSpec:
     def shown(self) -> dict[str, object]:
         """The spec as --dry-run prints it: secret environment values masked."""
         env = {k: ("***" if v else "<not set>") if k in POD_SECRET_NAMES else v for k, v in self.env.items()}
+        if POD_ENV_BOOTSTRAP in env:
+            env[POD_ENV_BOOTSTRAP] = f"<moelab/eval/bootstrap.py, {len(env[POD_ENV_BOOTSTRAP])} characters>"
         return {**asdict(self), "env": env}
 
 
@@ -169,17 +178,17 @@ def pod_spec(repo_id: str, settings: EvalSettings, options: RemoteOptions, secre
     if options.cloud not in CLOUDS:
         raise MoelabError(f"--cloud {options.cloud} is not one of {', '.join(CLOUDS)}")
     check_remote_numbers(options)
-    if any(c in options.install for c in "'\"\n"):
-        raise MoelabError(f"--install '{options.install}' may not contain quotes or newlines; give a pip spec")
+    install = {POD_ENV_INSTALL: check_install(options.install)} if options.install else \
+        {POD_ENV_WHEEL: wheel_file_name()}
     # The pod chooses replicas or sharding as a local run does, over the GPUs it was rented with.
     pod_settings = asdict(settings) | {"gpus": settings.gpus or options.gpu_count}
     env = {POD_ENV_MODEL: repo_id, POD_ENV_SETTINGS: json.dumps(pod_settings), POD_ENV_GIST: gist_id,
-           "GITHUB_TOKEN": secrets.github_token or ""}
+           "GITHUB_TOKEN": secrets.github_token or "", **install, POD_ENV_BOOTSTRAP: bootstrap_source()}
     if secrets.hf_token:
         env["HF_TOKEN"] = secrets.hf_token
     if os.environ.get(GITHUB_API_ENV):  # GitHub Enterprise: the pod must post to the same server
         env[GITHUB_API_ENV] = os.environ[GITHUB_API_ENV]
-    run = f'pip install -q "{options.install}" && python -m moelab.eval.pod'
+    run = f'python -c "${POD_ENV_BOOTSTRAP}"'  # installs moelab, then becomes the pod entry
     if options.keep_pod:
         env[POD_ENV_KEEP] = "1"
         command = f"{run}; sleep infinity"
@@ -202,6 +211,7 @@ def run_remote_eval(model: str, settings: EvalSettings, output: Path, options: R
                     push: str | None = None, on_progress: Callable[[PodProgress], None] = lambda p: None
                     ) -> RemoteResult:
     """Evaluate MODEL on a RunPod pod and save its EvalReport at OUTPUT; the pod is removed on every path."""
+    from moelab.eval.delivery import own_wheel, wheel_as_text
     from moelab.eval.local import check_writable
 
     repo_id = check_remote_model(model, push)
@@ -212,6 +222,7 @@ def run_remote_eval(model: str, settings: EvalSettings, output: Path, options: R
         raise MoelabError("the pod returns the report through a secret Gist: set GITHUB_TOKEN to a token with "
                           "the gist scope")
     check_writable(Path(output))
+    wheel = None if options.install else own_wheel()  # before anything is created: a failed build costs nothing
     if push:
         publish_for_pod(model, push, secrets)
     report, failure, channel = None, None, None
@@ -219,7 +230,8 @@ def run_remote_eval(model: str, settings: EvalSettings, output: Path, options: R
         pod = RunPodSession(secrets, on_progress)
         try:
             with stop_signals_deferred():  # a signal mid-request would lose the id of a gist that exists
-                channel = GistChannel.create(secrets.github_token, repo_id)
+                channel = GistChannel.create(secrets.github_token, repo_id,
+                                             {wheel_file_name(): wheel_as_text(wheel)} if wheel else {})
             pod.create(pod_spec(repo_id, settings, options, secrets, channel.gist_id))
             report = pod.wait_for_report(channel, options.timeout_min * 60)
             if push:
@@ -434,14 +446,16 @@ class GistChannel:
         return self.gist.html_url
 
     @classmethod
-    def create(cls, token: str, repo_id: str) -> "GistChannel":
+    def create(cls, token: str, repo_id: str, extra_files: dict[str, str] | None = None) -> "GistChannel":
+        """The run's secret gist: a placeholder for the report, and `extra_files` for the pod (moelab's wheel)."""
         from github import InputFileContent
 
         name = repo_id.split("/")[-1]
         placeholder = f"moelab is evaluating {repo_id} on a RunPod pod; the report lands here when it finishes.\n"
+        files = {f"{name}-Nous.md": placeholder, **(extra_files or {})}
         with github_errors("create the run's secret gist", token):
             gist = github_client(token).get_user().create_gist(
-                public=False, files={f"{name}-Nous.md": InputFileContent(placeholder)},
+                public=False, files={n: InputFileContent(text) for n, text in files.items()},
                 description=f"moelab eval {repo_id} (running)")
         return cls(gist, (token,))
 
@@ -465,11 +479,13 @@ class GistChannel:
     def post_report(self, report: EvalReport, markdown: str) -> None:
         from github import InputFileContent
 
+        delivered = {name: None for name in self.gist.files if name.endswith(WHEEL_SUFFIX)}  # served its purpose
         with github_errors("write the report to the gist", *self.secret_values):
             self.gist.edit(description=f"moelab eval {report.model} (Nous)", files={
                 f"{report.model_name}-Nous.md": InputFileContent(mask(markdown, self.secret_values)),
                 f"{report.model_name}{REPORT_SUFFIX}": InputFileContent(
-                    mask(json.dumps(report.to_dict(), indent=2), self.secret_values))})
+                    mask(json.dumps(report.to_dict(), indent=2), self.secret_values)),
+                **delivered})
 
     def post_error(self, text: str) -> None:
         from github import InputFileContent

@@ -4,7 +4,8 @@ Schema version 1 (all fields always present; JSON null where a value is unknown)
 - schema_version: 1; suite: "nous"; model: local path or Hub repo id; model_name: the folder/repo name;
   revision: Hub commit or None; content_hash: for a local folder, sha256 of its JSON files and of each
   safetensors shard's size and header (cheap, changes with any weight layout/config change), else None;
-  recipe: the moelab recipe (dict) when the model was built by moelab, else None.
+  recipe: the moelab recipe (dict) when the model was built by moelab, else None; model_ref: the reference a
+  recipe names the model by (e.g. `pkg:...gguf+ADAPTER`) when `model` is the folder moelab resolved it to, else None.
 - settings: EvalSettings (tasks, num_fewshot per task, limit, backend, device, dtype, batch_size, max_length,
   engine: "moelab" (one scheduled pass, moelab/eval/scheduler.py) or "lm-eval" (lm-eval's own loop, task by task),
   batch_tokens: the moelab engine's tokens per forward pass, None for lm-eval; parallel: the strategy used, single,
@@ -31,7 +32,7 @@ from typing import Any
 from moelab.errors import MoelabError
 from moelab.files import read_user_text, temp_file_beside
 from moelab.redact import mask
-from moelab.eval.suite import GROUPS, NOUS_TASKS, tasks_of_group
+from moelab.eval.suite import GROUPS, NOUS_TASKS, short_task_name, tasks_of_group
 
 SCHEMA_VERSION = 1
 
@@ -80,6 +81,7 @@ class EvalReport:
     wall_time_s: float = 0.0
     date: str = ""
     gist_id: str | None = None
+    model_ref: str | None = None
     speed: dict[str, Any] = field(default_factory=dict)
     suite: str = "nous"
     schema_version: int = SCHEMA_VERSION
@@ -184,6 +186,22 @@ def group_scores(results: list[TaskResult]) -> dict[str, float]:
     return scores
 
 
+def measured_groups(results: list[TaskResult]) -> dict[str, tuple[float, int, int]]:
+    """Each Nous group with at least one task run: (mean of those task values x100, rounded to 2; tasks run; tasks
+    in the group). A group with fewer tasks run than it has is partial: its mean is not the group's score."""
+    measured = {}
+    for group in GROUPS:
+        values = [r.value for r in results if r.group == group]
+        if values:
+            measured[group] = (round(sum(values) / len(values) * 100, 2), len(values), len(tasks_of_group(group)))
+    return measured
+
+
+def partial_mark(ran: int, total: int) -> str:
+    """How a partial group's score is marked wherever it is shown: "(4/18 tasks)"; nothing for a complete group."""
+    return "" if ran == total else f"({ran}/{total} tasks)"
+
+
 def overall_average(groups: dict[str, float]) -> float | None:
     """AutoEval's overall score: mean of the four already-rounded group scores, rounded to 2."""
     if not all(g in groups for g in GROUPS):
@@ -214,19 +232,15 @@ def report_view(report: EvalReport):
     average = "not all four groups ran" if report.average is None else f"{report.average:.2f}"
     table = Table(title=f"{report.model_name} on the Nous suite{limited}", title_justify="left",
                   caption=f"Average of the four groups: {average}", caption_justify="left")
-    table.add_column("Task", no_wrap=True)
+    table.add_column("Task", overflow="fold", min_width=16)  # listed by group: names without the group prefix
     table.add_column("Metric", overflow="fold")
     for column in ("Value", "Stderr", "n"):
         table.add_column(column, justify="right")
-    for group in GROUPS:
-        rows = [r for r in report.results if r.group == group]
-        if not rows:
-            continue
-        for r in rows:
-            table.add_row(r.task, r.metric, _percent(r.value), _percent(r.stderr), str(r.n))
-        score = report.groups.get(group)
-        table.add_row(f"[b]{group}[/b]", "mean x100", "" if score is None else f"[b]{score:.2f}[/b]", "", "",
-                      end_section=True)
+    for group, (score, ran, total) in measured_groups(report.results).items():
+        for r in (r for r in report.results if r.group == group):
+            table.add_row(short_task_name(r.task), r.metric, _percent(r.value), _percent(r.stderr), str(r.n))
+        table.add_row(f"[b]{group}[/b]", " ".join(["mean x100", partial_mark(ran, total)]).strip(),
+                      f"[b]{score:.2f}[/b]", "", "", end_section=True)
     return table
 
 
@@ -246,15 +260,13 @@ def report_markdown(report: EvalReport, repo_id: str | None = None) -> str:
     if report.limited:
         parts.append(f"**Limited run** (at most {report.settings.limit} examples per task): "
                      "not comparable to full scores.\n")
-    for group in GROUPS:
+    for group, (average, ran, total) in measured_groups(report.results).items():
         rows = [[r.task, r.version or "", r.metric, _percent(r.value), "±", _percent(r.stderr)]
                 for r in report.results if r.group == group]
-        if not rows:
-            continue
-        average = report.groups.get(group)
+        partial = f" (partial: {ran} of {total} tasks, not the group's score)" if ran < total else ""
         parts.append(f"### {group}\n"
                      + _table(["Task", "Version", "Metric", "Value", "", "Stderr"], rows, right={1, 3, 5})
-                     + f"\n\nAverage: {'' if average is None else average}%\n")
+                     + f"\n\nAverage: {average}%{partial}\n")
     overall = "Not available (not all four groups ran)" if report.average is None else f"{report.average}%"
     parts.append(f"Average score: {overall}")
     seconds = int(report.wall_time_s)

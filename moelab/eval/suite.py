@@ -91,6 +91,12 @@ NOUS_TASKS: tuple[SuiteTask, ...] = (
 )
 
 
+def short_task_name(task: str) -> str:
+    """A task's name without its group prefix (navigate for bigbench_navigate), for tables listed by group."""
+    prefixes = [f"{group.lower()}_" for group in GROUPS] + ["domain_"]
+    return next((task[len(p):] for p in prefixes if task.startswith(p)), task)
+
+
 def tasks_of_group(group: str) -> list[SuiteTask]:
     return [t for t in NOUS_TASKS if t.group == group]
 
