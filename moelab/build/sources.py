@@ -58,7 +58,7 @@ def local_inputs(ref: str, base_dir: Path | None = None) -> list[Path]:
         model_ref, adapter_ref = ref.split("+", 1)
         return local_inputs(model_ref, base_dir) + local_inputs(adapter_ref, base_dir)
     if ref.startswith("pkg:"):
-        return [_package_path(ref)]
+        return [package_path(ref)]
     local = _local_path(ref, base_dir)
     return [] if local is None else [local]
 
