@@ -124,11 +124,15 @@ DEMO_RECIPE = Path(__file__).resolve().parents[1] / "moelab" / "recipes" / "demo
 
 @pytest.fixture(scope="session")
 def demo_moe_dir(tmp_path_factory, smollm2_dir) -> Path:
-    """The demo recipe built once: a 3-expert Mixtral from SmolLM2 (chat = base, math and code LoRA experts)."""
+    """The demo's experts built once mergekit-moe's way (shared base weights, hidden gates, no heal): a 3-expert
+    Mixtral from SmolLM2 (chat = base, math and code LoRA experts), the configuration the routing figures were
+    measured on."""
     from moelab.build import BuildOptions, build_moe
-    from moelab.recipe import load_recipe
+    from moelab.recipe import parse_recipe
+    from moelab.run import mergekit_way_recipe
 
-    recipe, text = load_recipe(DEMO_RECIPE)
+    text = mergekit_way_recipe(DEMO_RECIPE.read_text())
+    recipe = parse_recipe(text, str(DEMO_RECIPE))
     out = tmp_path_factory.mktemp("demo") / "moe"
     build_moe(recipe, text, out, BuildOptions(device="cpu", show_progress=False), recipe_dir=DEMO_RECIPE.parent)
     return out
