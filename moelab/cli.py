@@ -407,7 +407,6 @@ def run_loop(config) -> None:
     import time
 
     from rich.console import Console as StdoutConsole
-    from rich.markdown import Markdown
     from rich.table import Table
 
     from moelab.compare import comparison_view
@@ -431,7 +430,7 @@ def run_loop(config) -> None:
                               else "  [dim]up to date[/dim]"))
     out = StdoutConsole()
     if config.mergekit_baseline and (Path(config.out) / "retention.md").is_file():
-        out.print(Markdown((Path(config.out) / "retention.md").read_text()))
+        out.print((Path(config.out) / "retention.md").read_text(), markup=False, highlight=False, soft_wrap=True)
     comparison = final_comparison(config)
     if comparison is not None:
         out.print(comparison_view(comparison))
