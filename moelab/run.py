@@ -25,19 +25,17 @@ STAMPS_FILE = "run.json"  # stage name -> key of the inputs its outputs were mad
 # In each model folder `moelab run` builds: a re-run replaces only folders holding it, never one it did not make.
 RUN_MARKER = ".moelab-run"
 BASELINE_SUFFIX = "-mergekit-way"  # the folder of the same experts merged as mergekit-moe does
-# CPU seconds measured with SmolLM2-135M in float32 (`moelab demo`, 2 cores): one loglikelihood request (prompt +
-# one choice) of a short BIG-bench task, model loading included; and the rest of a demo on a fresh install (GGUF
-# and LoRA conversion, build, probe). On 2 idle cores the wall time is at most the CPU time.
-CPU_SECONDS_PER_REQUEST = 0.9
-FIXED_CPU_SECONDS = 240
-# Domain tasks, per held-out item and model, from scripts/bench_retention.py's CPU runs (not yet re-measured on an
-# idle machine): a greedy answer of up to 64 tokens, and the NLL of 256 tokens. The mergekit-way baseline's build
-# (shared base, hidden gates: one pass over the prompts) comes on top of the fixed part.
-DOMAIN_CPU_SECONDS_PER_ITEM = {"exact_match": 1.5, "nll": 0.5}
-BASELINE_BUILD_CPU_SECONDS = 30
-# The heal step, per step, teacher passes included: 387 CPU seconds for its 60 default steps (moelab/build/heal.py's
-# CPU run on the demo's experts).
-HEAL_CPU_SECONDS_PER_STEP = 6.5
+# Wall seconds on 2 idle CPU cores, measured with SmolLM2-135M in float32 (`moelab demo` from a cold cache: 6.5 min
+# wall, 11.8 min of CPU time over both cores). The fixed part: GGUF and LoRA conversion, the build with its fitted
+# routers, the probe. Then per evaluated model (the mergekit-way MoE too) its loading, one loglikelihood request
+# (prompt + one choice) of a short BIG-bench task, and a domain task's held-out item: a greedy answer of up to 64
+# tokens, or the NLL of 256 tokens. The mergekit-way baseline's build is one pass over the positive prompts.
+FIXED_SECONDS = 120
+MODEL_LOAD_SECONDS = 5
+SECONDS_PER_REQUEST = 0.1
+DOMAIN_SECONDS_PER_ITEM = {"exact_match": 1.0, "nll": 1.4}
+BASELINE_BUILD_SECONDS = 5
+HEAL_SECONDS_PER_STEP = 3.7  # teacher passes included: 44 s for the demo's 12 steps
 TIME_BUDGET_S = 600
 
 
@@ -536,7 +534,8 @@ def estimate_run(config: RunConfig) -> Optional[RunEstimate]:
                 if config.limit is not None and n >= config.limit:
                     break
                 requests += len(json.loads(line)["multiple_choice_targets"])
-    seconds = FIXED_CPU_SECONDS + models * requests * CPU_SECONDS_PER_REQUEST
+    seconds = FIXED_SECONDS + (models + config.mergekit_baseline) * MODEL_LOAD_SECONDS \
+        + models * requests * SECONDS_PER_REQUEST
     domain_items = 0
     if TASKS_FROM_RECIPE in [t.strip().lower() for t in config.tasks]:
         import yaml
@@ -546,9 +545,9 @@ def estimate_run(config: RunConfig) -> Optional[RunEstimate]:
                 items = sum(1 for line in rows if line.strip())
             items = min(items, task.items or config.limit or items)
             domain_items += items
-            seconds += (models + config.mergekit_baseline) * items * DOMAIN_CPU_SECONDS_PER_ITEM[task.kind]
+            seconds += (models + config.mergekit_baseline) * items * DOMAIN_SECONDS_PER_ITEM[task.kind]
     if config.mergekit_baseline:
-        seconds += BASELINE_BUILD_CPU_SECONDS
+        seconds += BASELINE_BUILD_SECONDS
     if recipe.heal is not None:
-        seconds += recipe.heal.steps * HEAL_CPU_SECONDS_PER_STEP
+        seconds += recipe.heal.steps * HEAL_SECONDS_PER_STEP
     return RunEstimate(models, requests, seconds, domain_items)

@@ -12,8 +12,8 @@ import pytest
 
 from moelab.errors import MoelabError
 from moelab.eval.report import EvalReport
-from moelab.run import (BASELINE_BUILD_CPU_SECONDS, CPU_SECONDS_PER_REQUEST, DEMO_DATA_DIR,
-                        DOMAIN_CPU_SECONDS_PER_ITEM, FIXED_CPU_SECONDS, HEAL_CPU_SECONDS_PER_STEP, RunConfig,
+from moelab.run import (BASELINE_BUILD_SECONDS, DEMO_DATA_DIR, DOMAIN_SECONDS_PER_ITEM, FIXED_SECONDS,
+                        HEAL_SECONDS_PER_STEP, MODEL_LOAD_SECONDS, SECONDS_PER_REQUEST, RunConfig,
                         all_up_to_date, demo_config, estimate_run, plan_stages, run_stages)
 
 TASKS = ["bigbench_navigate", "bigbench_snarks"]
@@ -135,11 +135,12 @@ def test_estimate_counts_models_and_scored_choices():
     # The MoE plus three distinct experts; navigate and snarks have two choices per example. The domain tasks
     # (16 math and 16 code items) run on those four and on the mergekit-way MoE, built besides; heal takes 12 steps.
     assert (estimate.models, estimate.requests_per_model, estimate.domain_items) == (4, 2 * 2 + 2 * 2, 32)
-    assert estimate.seconds == pytest.approx(FIXED_CPU_SECONDS + 4 * 8 * CPU_SECONDS_PER_REQUEST + 5 * 16 * (
-        DOMAIN_CPU_SECONDS_PER_ITEM["exact_match"] + DOMAIN_CPU_SECONDS_PER_ITEM["nll"]) + BASELINE_BUILD_CPU_SECONDS
-        + 12 * HEAL_CPU_SECONDS_PER_STEP)
+    assert estimate.seconds == pytest.approx(FIXED_SECONDS + 5 * MODEL_LOAD_SECONDS + 4 * 8 * SECONDS_PER_REQUEST
+                                             + 5 * 16 * (DOMAIN_SECONDS_PER_ITEM["exact_match"]
+                                                         + DOMAIN_SECONDS_PER_ITEM["nll"])
+                                             + BASELINE_BUILD_SECONDS + 12 * HEAL_SECONDS_PER_STEP)
     assert not estimate.over_budget
-    assert estimate_run(demo_config(Path("unused"), limit=1000)).over_budget
+    assert estimate_run(demo_config(Path("unused"), limit=1000, tasks=["Bigbench"])).over_budget
 
 
 def test_bad_options_are_one_line_errors(tmp_path, tiny_dense):
