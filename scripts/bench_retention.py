@@ -56,6 +56,15 @@ CONFIGS = {
     "ties-ridge": {"shared_weights": "ties", "gate_mode": "ridge", "heal": None},
     "ties-trained-heal": {"shared_weights": "ties", "gate_mode": "trained", "heal": {}},
     "ties-ridge-heal": {"shared_weights": "ties", "gate_mode": "ridge", "heal": {}},
+    # Longer heals: all 200 heal examples per domain, 8 per step, 300 steps; with or without LoRA on the experts.
+    "ties-trained-heal-long": {"shared_weights": "ties", "gate_mode": "trained",
+                               "heal": {"steps": 300, "batch": 8, "examples": 200}},
+    "ties-trained-heal-long-experts": {"shared_weights": "ties", "gate_mode": "trained",
+                                       "heal": {"steps": 300, "batch": 8, "examples": 200,
+                                                "parts": ["shared", "router", "experts"]}},
+    "ties-trained-heal-long-experts-r32": {"shared_weights": "ties", "gate_mode": "trained",
+                                           "heal": {"steps": 600, "batch": 8, "examples": 200, "rank": 32,
+                                                    "parts": ["shared", "router", "experts"]}},
 }
 CEILING_MODES = ("base", "ties")  # shared_weights modes whose perfect-routing ceilings are measured
 
@@ -135,6 +144,19 @@ def row(model: str, kind: str, scores: dict, bigbench, base: dict, experts: dict
     return fields
 
 
+def reference_scores(path: Path, args) -> tuple[dict, dict, list[dict]]:
+    """Base and expert scores (value, SE) per domain, and their rows, from an earlier run's retention.json."""
+    earlier = json.loads(path.read_text())
+    if (earlier["limit"], earlier["device"]) != (args.limit, args.device):
+        raise SystemExit(f"--references {path} was measured with --limit {earlier['limit']} --device "
+                         f"{earlier['device']}; run with those, or without --references")
+    by_model = {r["model"]: r for r in earlier["rows"]}
+    base = {domain: (by_model["base"][domain], by_model["base"][f"{domain} se"]) for domain in DOMAINS}
+    experts = {name: {name: (by_model[f"expert {name}"][name], by_model[f"expert {name}"][f"{name} se"])}
+               for name in DOMAINS}
+    return base, experts, [by_model["base"]] + [by_model[f"expert {name}"] for name in DOMAINS]
+
+
 def markdown(rows: list[dict], settings: dict) -> str:
     def number(value, stderr, digits: int) -> str:
         return "" if value is None else f"{value:.{digits}f} ± {stderr:.{digits}f}"
@@ -167,6 +189,10 @@ def main() -> None:
                         help="folder of the 18 BIG-bench task files (hails/bigbench schema)")
     parser.add_argument("--bigbench-limit", type=int, default=50, help="items per BigBench task")
     parser.add_argument("--no-bigbench", action="store_true")
+    parser.add_argument("--name", default="retention", help="writes reports/bench/NAME.json and NAME.md")
+    parser.add_argument("--references", type=Path, default=None,
+                        help="an earlier retention.json of the same --limit and --device: its base and expert rows "
+                             "are taken instead of evaluating them again (a run of new MoE configs only)")
     args = parser.parse_args()
     configs = [c for c in args.configs.split(",") if c]
     unknown = [c for c in configs if c not in CONFIGS]
@@ -190,9 +216,12 @@ def main() -> None:
         evaluator = Evaluator(args, work, reports)
         base_dir = resolve_model(smollm2)
         expert_dirs = {name: resolve_model(f"{smollm2}+{adapter}") for name, adapter in EXPERT_ADAPTERS.items()}
-        base = evaluator.domains(base_dir, "base")
-        experts = {name: evaluator.domains(folder, f"expert-{name}", only=name)
-                   for name, folder in expert_dirs.items()}
+        if args.references:
+            base, experts, reference_rows = reference_scores(args.references, args)
+        else:
+            base = evaluator.domains(base_dir, "base")
+            experts = {name: evaluator.domains(folder, f"expert-{name}", only=name)
+                       for name, folder in expert_dirs.items()}
 
         def add(model: str, kind: str, folder: Path, label: str, scores: dict | None = None,
                 with_bigbench: bool = True) -> None:
@@ -201,9 +230,12 @@ def main() -> None:
                             base, experts))
             print(json.dumps(rows[-1]), flush=True)
 
-        add("base", "base", base_dir, "base", base)
-        for name, folder in expert_dirs.items():
-            add(f"expert {name}", "expert", folder, f"expert-{name}", experts[name])
+        if args.references:
+            rows += reference_rows
+        else:
+            add("base", "base", base_dir, "base", base)
+            for name, folder in expert_dirs.items():
+                add(f"expert {name}", "expert", folder, f"expert-{name}", experts[name])
         done_ceilings = set()
         for config in configs:
             fields = CONFIGS[config]
@@ -224,15 +256,16 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     settings = {"device": args.device, "limit": args.limit, "configs": configs, "ceilings": ceilings,
+                "references": str(args.references) if args.references else None,
                 "bigbench_limit": None if args.no_bigbench else args.bigbench_limit,
                 "bigbench_dir": None if args.no_bigbench else args.bigbench_dir}
     table = markdown(rows, settings)
     print(table)
-    (BENCH_DIR / "retention.json").write_text(json.dumps(
+    (BENCH_DIR / f"{args.name}.json").write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%d"), **settings, "configs_fields": {c: CONFIGS[c] for c in configs},
          "wall_s": round(time.perf_counter() - started, 1), "rows": rows}, indent=2) + "\n")
-    (BENCH_DIR / "retention.md").write_text(table)
-    print(f"wrote {BENCH_DIR / 'retention.json'} and {BENCH_DIR / 'retention.md'}")
+    (BENCH_DIR / f"{args.name}.md").write_text(table)
+    print(f"wrote {BENCH_DIR / args.name}.json and .md")
 
 
 if __name__ == "__main__":
