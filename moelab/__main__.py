@@ -1,5 +1,5 @@
 """`python -m moelab` runs the command line."""
 
-from moelab.cli import main
+from moelab import main
 
 main()

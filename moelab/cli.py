@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from moelab.errors import MoelabError, check_number
 from moelab.eval.remote import DEFAULT_GPU, DEFAULT_IMAGE  # light: defaults for --help
@@ -458,6 +459,22 @@ def parse_size(text: str) -> int:
     return size
 
 
+def is_click_error(err: Exception) -> bool:
+    """Click's own exceptions (Typer vendors click in recent versions, so they are told by their class names)."""
+    return any(cls.__name__ in ("ClickException", "Abort") for cls in type(err).__mro__)
+
+
+def exit_on_click_error(err: Exception) -> None:
+    """A bad option or argument, caught by Typer before moelab's own checks: one line, as moelab's errors."""
+    name = type(err).__name__
+    if name in ("NoArgsIsHelpError", "Abort"):  # bare `moelab` (Typer printed its help); Ctrl-D at a prompt
+        sys.exit(2 if name == "NoArgsIsHelpError" else 1)
+    command = getattr(getattr(err, "ctx", None), "command_path", None) or "moelab"
+    console.print(Text.assemble(("error:", "red"), " ", " ".join(err.format_message().split()),
+                                f" (see {command} --help)"), highlight=False, soft_wrap=True)
+    sys.exit(err.exit_code)
+
+
 def main() -> None:
     # Libraries' own progress bars, advice and deprecation notices (FutureWarning) would bury moelab's output and
     # land inside chat answers; the user cannot act on them. Setting these variables (or PYTHONWARNINGS) turns
@@ -469,10 +486,10 @@ def main() -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
     with stop_signals_unwind():
         try:
-            app()
+            code = app(standalone_mode=False, prog_name="moelab")  # usage errors reach the one-line handler
+            if isinstance(code, int):  # --help and typer.Exit: their exit code
+                sys.exit(code)
         except MoelabError as err:
-            from rich.text import Text
-
             # Text, not markup: a message may hold brackets (moelab[eval], a recipe's text).
             one_line = " ".join(mask(str(err)).splitlines())  # a quoted recipe value may hold a newline
             console.print(Text.assemble(("error:", "red"), " ", one_line), highlight=False, soft_wrap=True)
@@ -480,7 +497,10 @@ def main() -> None:
         except Interrupted as stop:
             console.print(f"[red]interrupted[/red] ({stop.signal_name})", highlight=False)
             sys.exit(stop.code)
-        except Exception:  # a bug: trace back, but never with a secret in it
+        except Exception as err:
+            if is_click_error(err):
+                exit_on_click_error(err)
+            # A bug: trace back, but never with a secret in it.
             import traceback
 
             sys.stderr.write(mask(traceback.format_exc()))

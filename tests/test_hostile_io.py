@@ -19,7 +19,7 @@ from test_compare import CODE, MATH, MOE
 from test_remote import (MOELAB, github_api, remote_eval_args, run_cli, runpod_api,  # noqa: F401 (fixtures)
                          cli_env)
 
-from moelab.cli import main
+from moelab import main
 from moelab.redact import mask
 
 SHIPPED_DATA = Path(__file__).resolve().parents[1] / "moelab" / "data"
@@ -171,6 +171,22 @@ def test_numbers_out_of_range_are_one_line_errors(args, flag, tmp_path, monkeypa
     code, out, err = run_moelab(*args)
     assert flag in one_line_error(code, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "m", "--limit", "inf"], "Invalid value for '--limit'"),
+    (["chat", "m", "--device"], "Option '--device' requires an argument"),
+    (["build"], "Missing argument 'recipe'. (see moelab build --help)"),
+    (["bogus"], "No such command 'bogus'. (see moelab --help)"),
+])
+def test_what_typer_rejects_is_one_line_too(args, message):
+    code, out, err = run_moelab(*args)
+    assert message in one_line_error(code, err) and "╭" not in err and out == ""
+
+
+def test_bare_moelab_prints_its_help_once():
+    code, out, err = run_moelab()
+    assert code == 2 and out.count("Usage: moelab") == 1 and "build" in out and err == ""
 
 
 @pytest.mark.parametrize("flag, value", [("--timeout-min", "nan"), ("--timeout-min", "inf"), ("--timeout-min", "0"),

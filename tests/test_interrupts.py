@@ -74,6 +74,15 @@ def test_a_signal_after_a_finished_task_keeps_it_and_the_rerun_resumes(signum, t
     assert not partial.exists() and debris(output.parent) == []
 
 
+@pytest.mark.parametrize("delay_s", [0.2, 0.5])
+def test_a_ctrl_c_among_the_first_imports_is_one_line(delay_s, tmp_path, tiny_moe_dir):
+    process = start(eval_args(tiny_moe_dir, tmp_path / "nous.json"), tmp_path)
+    time.sleep(delay_s)  # past the interpreter's start, inside the imports of Typer, rich and moelab (about 0.5 s)
+    assert process.poll() is None
+    stop(process, signal.SIGINT)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("signum", list(EXIT_CODES))
 def test_a_signal_while_the_model_loads_leaves_nothing(signum, tmp_path, tiny_moe_dir):
     output = tmp_path / "reports" / "nous.json"

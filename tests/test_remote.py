@@ -30,7 +30,7 @@ CANARIES = (USER_KEY, GITHUB_TOKEN, HF_TOKEN)
 MODEL_ID = "moelab-test/tiny-moe"
 TASKS = "bigbench_navigate,bigbench_snarks"
 GPU = "NVIDIA GeForce RTX 4090"
-MOELAB = [sys.executable, "-c", "from moelab.cli import main; main()"]
+MOELAB = [sys.executable, "-m", "moelab"]  # the entry point, as the `moelab` script runs it
 
 
 def restore_default_sigint() -> None:
