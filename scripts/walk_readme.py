@@ -126,8 +126,9 @@ def main() -> None:
         subprocess.run(["git", "clone", "-q", args.repo, str(clone)], check=True)
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    # A new user's cache is empty: the GGUF is dequantized and the LoRA experts merged during the walk.
     env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}", VIRTUAL_ENV=str(venv), HF_HUB_OFFLINE="1",
-               COLUMNS="80", PIP_DISABLE_PIP_VERSION_CHECK="1")
+               COLUMNS="80", PIP_DISABLE_PIP_VERSION_CHECK="1", MOELAB_CACHE=str(work / "moelab-cache"))
     env.pop("RUNPOD_API_KEY", None), env.pop("GITHUB_TOKEN", None), env.pop("HF_TOKEN", None)
     assert not (clone.parent / "shared").exists()
 
