@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config):
+    # The tests' Hub, GitHub and RunPod are loopback fakes, reachable without a network: a user's HF_HUB_OFFLINE=1
+    # (scripts/walk_readme.py sets it too) must not turn them off. Before collection, so before any library reads
+    # it; the tests of offline behaviour set it themselves.
+    os.environ.pop("HF_HUB_OFFLINE", None)
 
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
