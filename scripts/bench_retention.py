@@ -56,6 +56,8 @@ CONFIGS = {
     "ties-ridge": {"shared_weights": "ties", "gate_mode": "ridge", "heal": None},
     "ties-trained-heal": {"shared_weights": "ties", "gate_mode": "trained", "heal": {}},
     "ties-ridge-heal": {"shared_weights": "ties", "gate_mode": "ridge", "heal": {}},
+    "ties-trained-heal-experts": {"shared_weights": "ties", "gate_mode": "trained",
+                                  "heal": {"parts": ["shared", "router", "experts"]}},
     # Longer heals: all 200 heal examples per domain, 8 per step, 300 steps; with or without LoRA on the experts.
     "ties-trained-heal-long": {"shared_weights": "ties", "gate_mode": "trained",
                                "heal": {"steps": 300, "batch": 8, "examples": 200}},

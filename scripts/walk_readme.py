@@ -78,6 +78,8 @@ def why_not_run(command: str) -> str | None:
         return "a placeholder: your own report files"
     if command.startswith("pip install torch --index-url"):
         return "downloads torch (the walk's venv sees this machine's)"
+    if command.startswith("python scripts/walk_readme.py"):
+        return "this walk itself"
     if command.startswith("python scripts/bench_") or command.startswith("python scripts/make_"):
         return "a benchmark (see its own section)"
     return None
