@@ -74,7 +74,7 @@ def test_a_signal_after_a_finished_task_keeps_it_and_the_rerun_resumes(signum, t
     assert not partial.exists() and debris(output.parent) == []
 
 
-@pytest.mark.parametrize("delay_s", [0.2, 0.5])
+@pytest.mark.parametrize("delay_s", [0.3, 0.5])
 def test_a_ctrl_c_among_the_first_imports_is_one_line(delay_s, tmp_path, tiny_moe_dir):
     process = start(eval_args(tiny_moe_dir, tmp_path / "nous.json"), tmp_path)
     time.sleep(delay_s)  # past the interpreter's start, inside the imports of Typer, rich and moelab (about 0.5 s)
