@@ -470,9 +470,15 @@ def exit_on_click_error(err: Exception) -> None:
     if name in ("NoArgsIsHelpError", "Abort"):  # bare `moelab` (Typer printed its help); Ctrl-D at a prompt
         sys.exit(2 if name == "NoArgsIsHelpError" else 1)
     command = getattr(getattr(err, "ctx", None), "command_path", None) or "moelab"
-    console.print(Text.assemble(("error:", "red"), " ", " ".join(err.format_message().split()),
-                                f" (see {command} --help)"), highlight=False, soft_wrap=True)
+    print_error(f"{err.format_message()} (see {command} --help)")
     sys.exit(err.exit_code)
+
+
+def print_error(message: str) -> None:
+    """One red `error:` line, secrets masked. Text, not markup: a message may hold brackets (moelab[eval], a
+    recipe's text), and a quoted recipe value may hold a newline."""
+    console.print(Text.assemble(("error:", "red"), " ", " ".join(mask(message).splitlines())), highlight=False,
+                  soft_wrap=True)
 
 
 def main() -> None:
@@ -490,9 +496,7 @@ def main() -> None:
             if isinstance(code, int):  # --help and typer.Exit: their exit code
                 sys.exit(code)
         except MoelabError as err:
-            # Text, not markup: a message may hold brackets (moelab[eval], a recipe's text).
-            one_line = " ".join(mask(str(err)).splitlines())  # a quoted recipe value may hold a newline
-            console.print(Text.assemble(("error:", "red"), " ", one_line), highlight=False, soft_wrap=True)
+            print_error(str(err))
             sys.exit(2)
         except Interrupted as stop:
             console.print(f"[red]interrupted[/red] ({stop.signal_name})", highlight=False)

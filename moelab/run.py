@@ -534,8 +534,8 @@ def estimate_run(config: RunConfig) -> Optional[RunEstimate]:
                 if config.limit is not None and n >= config.limit:
                     break
                 requests += len(json.loads(line)["multiple_choice_targets"])
-    seconds = FIXED_SECONDS + (models + config.mergekit_baseline) * MODEL_LOAD_SECONDS \
-        + models * requests * SECONDS_PER_REQUEST
+    evaluated = models + config.mergekit_baseline  # the mergekit-way MoE is evaluated on the domain tasks too
+    seconds = FIXED_SECONDS + evaluated * MODEL_LOAD_SECONDS + models * requests * SECONDS_PER_REQUEST
     domain_items = 0
     if TASKS_FROM_RECIPE in [t.strip().lower() for t in config.tasks]:
         import yaml
@@ -545,7 +545,7 @@ def estimate_run(config: RunConfig) -> Optional[RunEstimate]:
                 items = sum(1 for line in rows if line.strip())
             items = min(items, task.items or config.limit or items)
             domain_items += items
-            seconds += (models + config.mergekit_baseline) * items * DOMAIN_SECONDS_PER_ITEM[task.kind]
+            seconds += evaluated * items * DOMAIN_SECONDS_PER_ITEM[task.kind]
     if config.mergekit_baseline:
         seconds += BASELINE_BUILD_SECONDS
     if recipe.heal is not None:

@@ -218,12 +218,6 @@ def main() -> None:
         evaluator = Evaluator(args, work, reports)
         base_dir = resolve_model(smollm2)
         expert_dirs = {name: resolve_model(f"{smollm2}+{adapter}") for name, adapter in EXPERT_ADAPTERS.items()}
-        if args.references:
-            base, experts, reference_rows = reference_scores(args.references, args)
-        else:
-            base = evaluator.domains(base_dir, "base")
-            experts = {name: evaluator.domains(folder, f"expert-{name}", only=name)
-                       for name, folder in expert_dirs.items()}
 
         def add(model: str, kind: str, folder: Path, label: str, scores: dict | None = None,
                 with_bigbench: bool = True) -> None:
@@ -233,8 +227,12 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
 
         if args.references:
+            base, experts, reference_rows = reference_scores(args.references, args)
             rows += reference_rows
         else:
+            base = evaluator.domains(base_dir, "base")
+            experts = {name: evaluator.domains(folder, f"expert-{name}", only=name)
+                       for name, folder in expert_dirs.items()}
             add("base", "base", base_dir, "base", base)
             for name, folder in expert_dirs.items():
                 add(f"expert {name}", "expert", folder, f"expert-{name}", experts[name])

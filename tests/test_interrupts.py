@@ -66,7 +66,8 @@ def test_a_signal_after_a_finished_task_keeps_it_and_the_rerun_resumes(signum, t
     cached = json.loads((partial / f"{TASKS[0]}.json").read_text())
     cached["result"]["value"] = 0.123456  # a value no run computes: the re-run must take it from the cache
     (partial / f"{TASKS[0]}.json").write_text(json.dumps(cached))
-    rerun = subprocess.run(eval_args(tiny_moe_dir, output, engine="lm-eval"), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(eval_args(tiny_moe_dir, output, engine="lm-eval"), cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
 
     assert rerun.returncode == 0, rerun.stderr
     results = {r["task"]: r for r in json.loads(output.read_text())["results"]}
