@@ -349,7 +349,7 @@ def evaluate_task(lm, task: SuiteTask, settings: EvalSettings, data_dir: Path | 
     except ConnectionError as err:  # datasets' own wording of "offline": the builtin, not requests'
         if data_dir is not None:
             raise
-        shipped = Path(__file__).resolve().parents[1] / "data"
+        shipped = resolve_data_dir(SHIPPED_DATA)
         raise MoelabError(f"task {task.name}: cannot download its data from the Hub ({err}); offline, point "
                           f"--data-dir at local task files (bigbench/<task>.jsonl, agieval/, gpt4all/, truthfulqa/), "
                           f"e.g. the BIG-bench subset shipped with moelab: --data-dir {shipped}") from None
