@@ -54,6 +54,11 @@ class RunConfig:
     publish: Optional[str] = None  # Hub repo to upload the MoE to at the end
     mergekit_baseline: bool = False  # also build the experts mergekit-moe's way and compare both retentions
 
+    @property
+    def evaluates_domains(self) -> bool:
+        """Whether the tasks include the recipe experts' domain tasks (the word `domains`)."""
+        return TASKS_FROM_RECIPE in [t.strip().lower() for t in self.tasks]
+
 
 @dataclass
 class Stage:
@@ -186,7 +191,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
                     [paths.model_dir / "moelab.json"], lambda: digest(recipe_text),
                     lambda: _build(recipe_text, paths.model_dir, config))]
     if config.mergekit_baseline:
-        if TASKS_FROM_RECIPE not in [t.strip().lower() for t in config.tasks]:
+        if not config.evaluates_domains:
             raise MoelabError(f"the mergekit-moe baseline is compared by retention on the recipe's domain tasks; add "
                               f"{TASKS_FROM_RECIPE} to --eval-tasks")
         baseline_text = mergekit_way_recipe(recipe_text)
@@ -450,7 +455,6 @@ def _publish(paths: RunPaths, repo: str) -> None:
 def nous_tasks(config: RunConfig):
     """The Nous tasks of --eval-tasks, without domain tasks (`domains`: the recipe's eval_data, or a tasks .yaml),
     which the eval stages pass through to run_eval and compare's retention table."""
-    from moelab.eval.domain import TASKS_FROM_RECIPE
     from moelab.eval.suite import select_tasks
 
     words = [w for w in config.tasks if w.strip().lower() != TASKS_FROM_RECIPE
@@ -537,7 +541,7 @@ def estimate_run(config: RunConfig) -> Optional[RunEstimate]:
     evaluated = models + config.mergekit_baseline  # the mergekit-way MoE is evaluated on the domain tasks too
     seconds = FIXED_SECONDS + evaluated * MODEL_LOAD_SECONDS + models * requests * SECONDS_PER_REQUEST
     domain_items = 0
-    if TASKS_FROM_RECIPE in [t.strip().lower() for t in config.tasks]:
+    if config.evaluates_domains:
         import yaml
 
         for task in domains_of_recipe(yaml.safe_load(recipe_text), Path(config.recipe).parent, str(config.recipe)):
