@@ -18,6 +18,7 @@ from moelab.files import read_user_text
 GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random", "hidden_last", "hidden_avg", "trained", "ridge")
 PROMPTED_GATE_MODES = ("hidden", "cheap_embed", "hidden_last", "hidden_avg", "trained", "ridge")
 FITTED_GATE_MODES = ("trained", "ridge")  # router rows fitted to the experts' router_data
+HIDDEN_GATE_MODES = ("hidden", "hidden_last", "hidden_avg")  # router rows from a pass as the build streams
 RANDOM_GATE_MODES = ("random", "uniform_random")
 SHARED_WEIGHT_MODES = ("base", "average", "task_arithmetic", "ties")
 HEAL_PARTS = ("shared", "router", "experts")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -241,6 +242,41 @@ def test_failed_build_leaves_nothing_at_out(tmp_path, tiny_dense):
     with pytest.raises(Exception):
         build(tmp_path, base_model=str(a), gate_mode="random",
               experts=[{"source_model": str(a)}, {"source_model": str(b)}])
+    assert not (tmp_path / "moe").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".moe")]
+
+
+def two_expert_hidden_recipe(a: Path, b: Path) -> dict:
+    return dict(base_model=str(a), gate_mode="hidden", experts=[
+        {"source_model": str(a), "positive_prompts": PROMPTS[0]}, {"source_model": str(b), "positive_prompts": PROMPTS[1]}])
+
+
+def test_without_kernel_copies_the_build_writes_the_same_files(tmp_path, tiny_dense, monkeypatch):
+    """Where os.copy_file_range cannot copy (an older kernel across file systems), the bytes go through a buffer."""
+    a, b = tiny_dense("a", seed=0), tiny_dense("b", seed=1)
+    in_kernel = build(tmp_path, "in-kernel", **two_expert_hidden_recipe(a, b))
+    refused = []
+
+    def cross_device(*args):
+        refused.append(args)
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+    monkeypatch.setattr(os, "copy_file_range", cross_device)
+    buffered = build(tmp_path, "buffered", **two_expert_hidden_recipe(a, b))
+    assert len(refused) == 1  # the first refusal switches the build to buffered copies
+    shards = sorted(p.name for p in in_kernel.glob("*.safetensors"))
+    assert shards and shards == sorted(p.name for p in buffered.glob("*.safetensors"))
+    for shard in shards:
+        assert (in_kernel / shard).read_bytes() == (buffered / shard).read_bytes(), shard
+
+
+def test_a_full_disk_during_the_copies_is_one_error_and_leaves_nothing(tmp_path, tiny_dense, monkeypatch):
+    a, b = tiny_dense("a", seed=0), tiny_dense("b", seed=1)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "copy_file_range", full)
+    with pytest.raises(MoelabError, match="No space left on device; free some space"):
+        build(tmp_path, **two_expert_hidden_recipe(a, b))
     assert not (tmp_path / "moe").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".moe")]
 

@@ -8,13 +8,14 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from moelab.build.merge import DROPPED_DELTA_WARNING, SharedWeights
 from moelab.build.layouts import (DENSE_FAMILIES, MATCHING_KEYS, DenseFamily, MoeLayout, choose_layout,
                                   dense_mlp_sources, expert_tensor_names, input_family, is_dense_mlp,
                                   llama_cpp_warnings, moe_config_dict, split_tensor)
 from moelab.build.checks import check_build_numbers, check_model_config, check_source_tensors
+from moelab.build.layer_pass import layer_of
 from moelab.build.output import (check_apart_from_sources, check_replaceable, finish_build_folder, new_build_folder,
                                  output_lock, remove_stale_folders)
 from moelab.build.router_training import read_router_data
@@ -109,7 +110,6 @@ def _build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOption
                            recipe.architecture)
     out_dtype = recipe.torch_dtype_name() or _config_dtype(base.config)
     config = moe_config_dict(layout, base.config, len(experts), recipe.experts_per_token, bool(shared), out_dtype)
-    _check_config(layout, config, recipe.base_model)
 
     from moelab.build.gates import RouterRows, similar_expert_pairs
 
@@ -126,13 +126,14 @@ def _build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOption
     num_layers, hidden = base.config["num_hidden_layers"], base.config["hidden_size"]
     bound_malloc()
     routers = RouterRows(recipe, gated_experts, base, shared_weights, num_layers, hidden, seed, options.device,
-                         options.load_in_4bit, options.load_in_8bit, recipe_dir, options.show_progress,
+                         options.load_in_4bit, options.load_in_8bit, recipe_dir,
                          zero_shared_gate=bool(shared) and not recipe.shared_experts[0].positive_prompts)
 
     plan = plan_tensors(layout, base, shared_weights, experts, shared, recipe, routers, out_dtype, seed)
     tmp = new_build_folder(out)
     try:
-        shard_names = _write_with_progress(plan, tmp, options)
+        shard_names = _write_with_progress(plan, tmp, options, routers,
+                                           check=lambda: _check_config(layout, config, recipe.base_model))
         shared_deltas = shared_weights.relative_deltas()
         warnings += [
             f"expert {name} changed the shared (non-MLP) weights by {delta:.1%} of their norm, and shared_weights: "
@@ -157,6 +158,7 @@ def _build_moe(recipe: Recipe, recipe_text: str, out: Path, options: BuildOption
                                                        routing=routing, heal=heal and heal.to_json())))
         _replace(tmp, out)
     except BaseException:
+        routers.stop()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BuildResult(out=out, architecture=layout.arch_id, num_experts=len(experts), num_shards=len(shard_names),
@@ -246,8 +248,9 @@ def _config_dtype(config: dict) -> str:
 
 def plan_tensors(layout: MoeLayout, base: ResolvedModel, shared_weights: SharedWeights, experts: list[ResolvedModel],
                  shared: list[ResolvedModel], recipe: Recipe, routers, out_dtype: str, seed: int) -> list[PlannedTensor]:
-    """Every output tensor in write order: the shared tensors outside the layers, then layer by layer its shared
-    tensors, experts and router, so that a single streaming pass over the sources both writes and routes."""
+    """Every output tensor in file order: the shared tensors outside the layers, then layer by layer its shared
+    tensors, experts and router. The writer copies the verbatim ones, produces the others in this order, and the
+    late ones (router rows, which a thread computes meanwhile) last."""
     import torch
 
     dtype = getattr(torch, out_dtype)
@@ -263,8 +266,11 @@ def plan_tensors(layout: MoeLayout, base: ResolvedModel, shared_weights: SharedW
 
         def produce(tensor):
             return _noise_and_scale(_take_rows(tensor, rows), spec, role, seed, salt).to(dtype)
-        plan.append(PlannedTensor(out_name, _rows_shape(source.info(name)[0], rows), code, produce,
-                                  [SourceTensor(source, name)]))
+        shape, stored_dtype = source.info(name)
+        verbatim = (rows is None and not spec.noise_scale and stored_dtype == code
+                    and not (role == "down" and spec.residual_scale is not None))
+        plan.append(PlannedTensor(out_name, _rows_shape(shape, rows), code, produce, [SourceTensor(source, name)],
+                                  verbatim))
 
     last_merged: dict[str, object] = {}  # a fused tensor (Phi-3's qkv_proj) is merged once for all its parts
 
@@ -282,7 +288,7 @@ def plan_tensors(layout: MoeLayout, base: ResolvedModel, shared_weights: SharedW
 
     by_layer: dict[Optional[int], list[str]] = {}
     for name in shared_weights.names:
-        by_layer.setdefault(_layer_of(name), []).append(name)
+        by_layer.setdefault(layer_of(name), []).append(name)
     for name in by_layer.pop(None, []):
         merged_shared(name)
     for layer in range(num_layers):
@@ -293,8 +299,8 @@ def plan_tensors(layout: MoeLayout, base: ResolvedModel, shared_weights: SharedW
             for role, out_name in expert_tensor_names(layout, layer, e).items():
                 from_source(model.tensors, dense[role], out_name, spec, role, salt=layer * 1000 + e)
         plan.append(PlannedTensor(layout.router.format(layer=layer), (num_experts, hidden), code,
-                                  lambda *mlp, layer=layer: routers.rows(layer, *mlp)[:num_experts].contiguous()
-                                  .to(dtype), routers.layer_reads(layer)))
+                                  lambda layer=layer: routers.rows(layer)[:num_experts].contiguous().to(dtype),
+                                  late=True))
         if layout.shared_expert is None or not (shared or layout.empty_shared_slot):
             continue
         shared_names = {role: n.format(layer=layer) for role, n in layout.shared_expert.items()}
@@ -305,8 +311,8 @@ def plan_tensors(layout: MoeLayout, base: ResolvedModel, shared_weights: SharedW
                             salt=layer * 1000 + 999)
             if gate_name:
                 plan.append(PlannedTensor(gate_name, (1, hidden), code,
-                                          lambda layer=layer: routers.gates[layer, num_experts:].contiguous()
-                                          .to(dtype)))
+                                          lambda layer=layer: routers.rows(layer)[num_experts:].contiguous()
+                                          .to(dtype), late=True))
         else:
             # Qwen2-MoE always has a shared-expert slot: an empty one (size 0) adds nothing.
             for role, out_name in shared_names.items():
@@ -314,11 +320,6 @@ def plan_tensors(layout: MoeLayout, base: ResolvedModel, shared_weights: SharedW
                 plan.append(PlannedTensor(out_name, shape, code, lambda shape=shape: torch.zeros(shape, dtype=dtype)))
             plan.append(PlannedTensor(gate_name, (1, hidden), code, lambda: torch.zeros(1, hidden, dtype=dtype)))
     return plan
-
-
-def _layer_of(name: str) -> Optional[int]:
-    parts = name.split(".")
-    return int(parts[2]) if name.startswith("model.layers.") and parts[2].isdigit() else None
 
 
 def _rows_shape(shape: tuple[int, ...], rows: Optional[tuple[int, int]]) -> tuple[int, ...]:
@@ -342,22 +343,30 @@ def _noise_and_scale(tensor, spec: Expert, role: str, seed: int, salt: int):
     return tensor
 
 
-def _write_with_progress(plan: list[PlannedTensor], folder: Path, options: BuildOptions) -> list[str]:
+def _write_with_progress(plan: list[PlannedTensor], folder: Path, options: BuildOptions, routers,
+                         check: Callable[[], None]) -> list[str]:
+    """Write the plan with one bar over its bytes, which names what the router thread is at; `check` runs while
+    the writer copies."""
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
     total = sum(t.nbytes for t in plan)
-    with Progress(TextColumn("building"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                  disable=not options.show_progress, transient=True) as progress:
-        task = progress.add_task("write", total=total)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), disable=not options.show_progress, transient=True) as progress:
+        task = progress.add_task("building", total=total)
+
+        def meanwhile():
+            check()
+            routers.start(lambda note: progress.update(task, description=f"building ({note})" if note else "building"))
         return write_sharded(plan, folder, options.shard_bytes,
-                             on_tensor=lambda t: progress.advance(task, t.nbytes))
+                             on_tensor=lambda t: progress.advance(task, t.nbytes), meanwhile=meanwhile)
 
 
 def _check_config(layout: MoeLayout, config: dict, base_ref: str) -> None:
-    """Make the output's transformers config, and a model of it on the meta device (which allocates nothing), before
-    anything is written, so that values of the base's config.json that transformers rejects are an error up front
-    rather than an output that does not load. A layout without a transformers class is written as plain JSON."""
+    """Make the output's transformers config, and a model of it on the meta device (which allocates nothing), while
+    the writer copies, so that values of the base's config.json that transformers rejects are an error (and the
+    unfinished folder is removed) rather than an output that does not load. A layout without a transformers class
+    is written as plain JSON."""
     if layout.config_class is None:
         return
     import torch

@@ -22,14 +22,15 @@ token (set its residual_scale to 2 for the full output).
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from moelab.build.layouts import is_dense_mlp
-from moelab.build.layer_pass import EMBEDDING, LayerPass, layer_prefix, prompt_batches
+from moelab.build.layer_pass import EMBEDDING, LayerPass, layer_of, layer_prefix, prompt_batches
 
 from moelab.errors import MoelabError
-from moelab.recipe import FITTED_GATE_MODES, Expert, Recipe
+from moelab.recipe import FITTED_GATE_MODES, HIDDEN_GATE_MODES, Expert, Recipe
 
 EPS = 1e-8
 
@@ -135,119 +136,197 @@ def similar_expert_pairs(gates, names: Sequence[str], threshold: float = 0.995) 
             for i in range(len(names)) for j in range(i + 1, len(names)) if cos[i, j] > threshold]
 
 
-class RouterRows:
-    """Every layer's router rows (E x H: routed experts, then a gated shared expert), as the build streams.
+class _Stopped(Exception):
+    pass
 
-    random and uniform_random rows come from the seed, trained and ridge ones from a pass before writing (the fit
-    needs every layer). cheap_embed takes the merged input embedding when the writer offers it. The hidden modes run
-    the LayerPass: the writer offers each layer's merged shared tensors, rows(l) gets the base's dense MLP of
-    layer l, and both feed layer l of the pass, which then gives layer l's rows. `gates` (L, E, H) fills as rows
-    are asked for.
+
+class RouterRows:
+    """Every layer's router rows (E x H: routed experts, then a gated shared expert), computed on a thread of their
+    own (start) while the build writes everything else; rows(l) waits for layer l's.
+
+    random and uniform_random rows come from the seed; trained and ridge ones from a pass over every layer and a
+    fit; cheap_embed ones from the input embedding. The hidden modes run the LayerPass layer by layer: layer l
+    takes the base's dense MLP of layer l and the shared tensors the build writes for it, which are the base's own
+    under shared_weights: base (read here), and otherwise the merged ones, which the writer offers as it merges
+    them (at most LOOKAHEAD_LAYERS layers ahead of the pass, so that memory stays at about a layer). `gates`
+    (L, E, H) fills layer by layer.
     """
+
+    LOOKAHEAD_LAYERS = 1
 
     def __init__(self, recipe: Recipe, experts: Sequence[Expert], base, shared_weights, num_layers: int,
                  hidden: int, seed: int, device: str = "auto", load_in_4bit: bool = False, load_in_8bit: bool = False,
-                 recipe_dir: Optional[Path] = None, show_progress: bool = True, zero_shared_gate: bool = False):
+                 recipe_dir: Optional[Path] = None, zero_shared_gate: bool = False):
         import torch
 
         self.mode = recipe.gate_mode
-        self.experts, self.base, self.num_layers = list(experts), base, num_layers
+        self.recipe, self.experts, self.base, self.num_layers = recipe, list(experts), base, num_layers
+        self.shared_weights, self.seed, self.device, self.recipe_dir = shared_weights, seed, device, recipe_dir
+        self.quantized = (load_in_4bit, load_in_8bit)
         self.zero_shared_gate = zero_shared_gate  # documented above: an unprompted shared expert gets sigmoid(0)
         self.routed = len(recipe.experts)
         self.gates = torch.zeros(num_layers, len(experts), hidden)
         self.report = None
-        self.wanted: set[str] = set()    # shared tensors the writer offers
-        self._offered: dict[str, object] = {}
         self._pass: Optional[LayerPass] = None
-        self._known = False              # every row is known before writing
+        self.streams_layers = self.mode in HIDDEN_GATE_MODES and not any(self.quantized)
+        self.wanted: set[str] = set()  # the merged shared tensors that the writer offers
+        if shared_weights.merged and self.mode == "cheap_embed":
+            self.wanted = {EMBEDDING}
+        elif shared_weights.merged and self.streams_layers:
+            self.wanted = {EMBEDDING} | {n for n in shared_weights.names if layer_of(n) is not None}
+        self._offered: dict[str, object] = {}
+        self._cond = threading.Condition()
+        self._layers_done = 0
+        self._error: Optional[BaseException] = None
+        self._stop = False
+        self._thread: Optional[threading.Thread] = None
+        self._note: Callable[[str], None] = lambda text: None
         if self.mode in ("random", "uniform_random"):
             self.gates = random_gates(num_layers, len(experts), hidden, seed, uniform=self.mode == "uniform_random")
-            self._known = True
+            self._layers_done = num_layers
+
+    def start(self, note: Callable[[str], None] = lambda text: None) -> None:
+        """Compute the rows on a thread; `note` gets a line on how far it is ("" when done).
+
+        The pass's model is made here, on the calling thread: transformers sets torch's default dtype (global
+        state) while it makes a model, which must not happen while another thread makes one or computes."""
+        if self._thread is None and self._layers_done < self.num_layers:
+            if self.mode != "cheap_embed":
+                self._model, self._streamed = gate_pass_model(self.base.folder, self.device, *self.quantized)
+            self._note = note
+            self._thread = threading.Thread(target=self._compute, name="moelab-routers", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread at its next layer (a build that failed). Not joined: it may be inside an import, and it
+        writes nothing."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+
+    def rows(self, layer: int):
+        """Layer `layer`'s rows (E, H) float32, once the thread has them."""
+        self.start()
+        with self._cond:
+            self._cond.wait_for(lambda: self._layers_done > layer or self._error is not None)
+            if self._error is not None:
+                raise self._error
+        if self.zero_shared_gate:
+            self.gates[layer, self.routed:] = 0
+        return self.gates[layer]
+
+    def offer(self, name: str, merged) -> None:
+        """A merged shared tensor, as the writer makes it; waits while the pass is more than LOOKAHEAD_LAYERS
+        layers behind."""
+        if name not in self.wanted:
             return
+        layer = layer_of(name)
+        with self._cond:
+            self._cond.wait_for(lambda: self._error is not None or layer is None
+                                or layer <= self._layers_done + self.LOOKAHEAD_LAYERS)
+            if self._error is not None:
+                raise self._error
+            self._offered[name] = merged
+            self._cond.notify_all()
+
+    def _shared(self, name: str):
+        """The shared tensor `name` as the build writes it (router thread)."""
+        if name not in self.wanted:
+            return self.base.tensors.get(name)
+        with self._cond:
+            self._cond.wait_for(lambda: name in self._offered or self._stop)
+            if self._stop:
+                raise _Stopped
+            return self._offered.pop(name)
+
+    def _layers_computed(self, count: int) -> None:
+        with self._cond:
+            if self._stop:
+                raise _Stopped
+            self._layers_done = count
+            self._cond.notify_all()
+
+    def _compute(self) -> None:
+        try:
+            self._note("routers: loading the tokenizer and the model's layers")
+            self._prepare()
+            if self.mode == "cheap_embed":
+                self.gates = cheap_embed_gates(self._shared(EMBEDDING), self.tokenizer, self.experts, self.num_layers)
+            elif self.mode in FITTED_GATE_MODES:
+                self._fit()
+            else:
+                self._pass.embed(self._shared(EMBEDDING) if self.streams_layers else None)
+                for layer in range(self.num_layers):
+                    self._note(f"routers: layer {layer + 1}/{self.num_layers}")
+                    weights = None
+                    if self.streams_layers:
+                        weights = {n: self._shared(n) for n in self.shared_weights.names if layer_of(n) == layer}
+                        weights.update({n: self.base.tensors.get(n) for n in self.dense_mlp(layer)})
+                    self._advance(layer, weights)
+                    self._layers_computed(layer + 1)
+            self._pass = None
+            self._layers_computed(self.num_layers)
+            self._note("")
+        except _Stopped:
+            pass
+        except BaseException as err:  # raised on the writer's thread, in rows() or offer()
+            with self._cond:
+                self._error = err
+                self._cond.notify_all()
+
+    def _prepare(self) -> None:
+        """The tokenizer, and for the modes with a pass its model and prompt batches."""
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(base.folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base.folder)
         if self.mode == "cheap_embed":
-            self.wanted = {EMBEDDING}
             return
-        model, streamed = gate_pass_model(base.folder, device, load_in_4bit, load_in_8bit)
         self._groups = []  # per expert: (positive group, negative group or None), None without prompts
-        token_groups = []
+        self._token_groups = []
         for expert in self.experts:
             if not expert.positive_prompts:
                 self._groups.append(None)
                 continue
-            token_groups.append(encode_prompts(self.tokenizer, expert.positive_prompts))
-            positive = len(token_groups) - 1
+            self._token_groups.append(encode_prompts(self.tokenizer, expert.positive_prompts))
+            positive = len(self._token_groups) - 1
             if expert.negative_prompts:
-                token_groups.append(encode_prompts(self.tokenizer, expert.negative_prompts))
-            self._groups.append((positive, len(token_groups) - 1 if expert.negative_prompts else None))
-        self._group_sizes = [len(g) for g in token_groups]
-        self._hidden_groups = len(token_groups)
-        training = None
-        if self.mode in FITTED_GATE_MODES:
-            from moelab.build.router_training import training_tokens
+                self._token_groups.append(encode_prompts(self.tokenizer, expert.negative_prompts))
+            self._groups.append((positive, len(self._token_groups) - 1 if expert.negative_prompts else None))
+        self._group_sizes = [len(g) for g in self._token_groups]
+        self._hidden_groups = len(self._token_groups)
+        if self.mode not in FITTED_GATE_MODES:
+            self._pass = LayerPass(self._model, prompt_batches(self._token_groups), resolve_device(self.device),
+                                   self._streamed)
 
-            training = training_tokens(self.tokenizer, recipe.experts, recipe.router_training, seed, recipe_dir)
-            token_groups += training.groups
-        self._pass = LayerPass(model, prompt_batches(token_groups), resolve_device(device), streamed)
-        self._streamed = streamed
-        if training is None:
-            if streamed:
-                self.wanted = {EMBEDDING} | {n for n in shared_weights.names if n.startswith("model.layers.")}
-            return
+    def _fit(self) -> None:
+        """trained and ridge: the pass over every layer with the router_data's tokens too, then the fit."""
+        from moelab.build.router_training import fitted_gates, training_tokens
+
+        recipe, shared_weights, streamed = self.recipe, self.shared_weights, self._streamed
+        training = training_tokens(self.tokenizer, recipe.experts, recipe.router_training, self.seed, self.recipe_dir)
+        self._pass = LayerPass(self._model, prompt_batches(self._token_groups + training.groups),
+                               resolve_device(self.device), streamed)
         per_layer = []
         self._pass.embed(shared_weights.get(EMBEDDING) if streamed else None)
-        for layer in range(num_layers):
+        for layer in range(self.num_layers):
+            self._note(f"routers: layer {layer + 1}/{self.num_layers} of the pass for {self.mode}")
             weights = None
             if streamed:
-                names = [n for n in shared_weights.names if n.startswith(layer_prefix(layer))]
-                weights = {n: shared_weights.get(n) for n in names}
-                weights.update({n: base.tensors.get(n) for n in self.dense_mlp(layer)})
+                weights = {n: shared_weights.get(n) for n in shared_weights.names if layer_of(n) == layer}
+                weights.update({n: self.base.tensors.get(n) for n in self.dense_mlp(layer)})
             states = self._advance(layer, weights)
             first = sum(1 for b in self._pass.batches if b.group < self._hidden_groups)
             per_layer.append(training.features(states[first:]))
-        self._pass = None
-        from moelab.build.router_training import fitted_gates
-
+            if self._stop:
+                raise _Stopped
+        self._note(f"routers: fitting {self.num_layers} layers of router rows ({self.mode})")
         fitted, self.report = fitted_gates(training, per_layer, recipe.expert_names(), self.gates[:, :self.routed],
-                                           self.mode, recipe.router_training, show_progress)
+                                           self.mode, recipe.router_training)
         self.gates[:, :self.routed] = fitted
-        self._known = True
 
     def dense_mlp(self, layer: int) -> list[str]:
         """The base's own MLP tensors of `layer` (fused ones, like Phi-3's gate_up_proj, as they are stored)."""
         return [n for n in self.base.tensors.names() if n.startswith(layer_prefix(layer)) and is_dense_mlp(n)]
-
-    def layer_reads(self, layer: int) -> list:
-        """The base tensors that rows(layer) reads: its dense MLP when the pass streams."""
-        from moelab.build.tensors import SourceTensor
-
-        if self._pass is None or not self._streamed:
-            return []
-        return [SourceTensor(self.base.tensors, name) for name in self.dense_mlp(layer)]
-
-    def offer(self, name: str, merged) -> None:
-        if name in self.wanted:
-            self._offered[name] = merged
-
-    def rows(self, layer: int, *mlp):
-        """Layer `layer`'s rows (E, H) float32; layers are asked for in order. `mlp`: the tensors of layer_reads."""
-        if self.mode == "cheap_embed" and not self._known:
-            embedding = self._offered.pop(EMBEDDING)
-            self.gates = cheap_embed_gates(embedding, self.tokenizer, self.experts, self.num_layers)
-            self._known = True
-        if not self._known:
-            if layer == 0:
-                self._pass.embed(self._offered.pop(EMBEDDING, None))
-            weights = None
-            if self._streamed:
-                weights = {n: self._offered.pop(n) for n in list(self._offered) if n.startswith(layer_prefix(layer))}
-                weights.update(zip(self.dense_mlp(layer), mlp))
-            self._advance(layer, weights)
-        if self.zero_shared_gate:
-            self.gates[layer, self.routed:] = 0
-        return self.gates[layer]
 
     def _advance(self, layer: int, weights):
         """Run the pass through `layer` and set its hidden-mode rows; returns the per-batch states."""

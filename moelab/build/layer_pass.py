@@ -21,6 +21,12 @@ def layer_prefix(layer: int) -> str:
     return f"model.layers.{layer}."
 
 
+def layer_of(name: str) -> Optional[int]:
+    """The decoder layer a tensor name is in (None outside the layers)."""
+    parts = name.split(".")
+    return int(parts[2]) if name.startswith("model.layers.") and parts[2].isdigit() else None
+
+
 @dataclass
 class PromptBatch:
     ids: object   # (B, T) token ids, right-padded

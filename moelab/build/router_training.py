@@ -198,14 +198,13 @@ def ridge_routers(features, labels, num_experts: int, options: RouterTraining):
 
 
 def fitted_gates(training: TrainingTokens, per_layer: list, names: Sequence[str], hidden_gates, mode: str,
-                 options: RouterTraining, show_progress: bool = True):
+                 options: RouterTraining):
     """(gates (L, E, H), RouterReport) for the routed experts, by gate_mode `mode` (trained or ridge);
     `hidden_gates` is trained's starting point and the baseline of the report.
 
     `per_layer[l]`: TrainingTokens.features of layer l's router inputs.
     """
     import torch
-    from rich.progress import Progress
 
     generator = training.generator
     by_group = [torch.stack([layer[g] for layer in per_layer]) if per_layer[0][g] is not None else None
@@ -217,10 +216,8 @@ def fitted_gates(training: TrainingTokens, per_layer: list, names: Sequence[str]
     labels = torch.cat([torch.full((f.shape[1],), e) for e, f in enumerate(train)])
     features = torch.cat(train, dim=1)
     started = time.perf_counter()
-    with Progress(transient=True, disable=not show_progress) as progress:
-        progress.add_task(f"fitting {features.shape[0]} layers of router rows ({mode})", total=None)
-        gates = (ridge_routers(features, labels, len(train), options) if mode == "ridge"
-                 else fit_routers(features, labels, hidden_gates, options))
+    gates = (ridge_routers(features, labels, len(train), options) if mode == "ridge"
+             else fit_routers(features, labels, hidden_gates, options))
     fit_s = time.perf_counter() - started
     held = [(e, f) for e, f in enumerate(heldout) if f is not None]
     # The same number of held-out tokens per domain, so that perfect routing has even usage (CV 0).

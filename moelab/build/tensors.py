@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import struct
@@ -65,22 +66,27 @@ class SafetensorsFolder:
     def get(self, name: str):
         import torch
 
-        data_start, entry = self._entry(name)
+        path, offset, nbytes = self.span(name)
+        entry = self._entry(name)[1]
         shape, dtype = tuple(entry["shape"]), getattr(torch, TORCH_DTYPES[entry["dtype"]])
-        begin, end = entry["data_offsets"]
-        if begin == end:
+        if not nbytes:
             return torch.empty(shape, dtype=dtype)
-        buffer = bytearray(end - begin)
-        path = self.folder / self.weight_map[name]
+        buffer = torch.empty(nbytes, dtype=torch.uint8)  # not zero-filled first, as a bytearray would be
         fd = os.open(path, os.O_RDONLY)
         try:
             # One large read per tensor; the kernel reads ahead further on a file said to be read in order.
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            if os.preadv(fd, [buffer], data_start + begin) != len(buffer):
+            if _read_into(fd, memoryview(buffer.numpy()), offset) != nbytes:
                 raise MoelabError(f"{path} ends inside tensor {name}; the file is truncated, download it again")
         finally:
             os.close(fd)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+        return buffer.view(dtype).reshape(shape)
+
+    def span(self, name: str) -> tuple[Path, int, int]:
+        """(file, byte offset in it, byte count) of the stored tensor `name`."""
+        data_start, entry = self._entry(name)
+        begin, end = entry["data_offsets"]
+        return self.folder / self.weight_map[name], data_start + begin, end - begin
 
     def overwrite(self, name: str, tensor) -> None:
         """Write new data over a tensor in its file, in place; the shape and dtype must be the stored ones."""
@@ -98,6 +104,18 @@ class SafetensorsFolder:
     def nbytes(self, name: str) -> int:
         begin, end = self._entry(name)[1]["data_offsets"]
         return end - begin
+
+
+def _read_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill `view` from `fd` at `offset`; the byte count read (less only at the end of the file). Linux reads at
+    most about 2 GB per call, and embeddings of large vocabularies are larger."""
+    done = 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if count == 0:
+            break
+        done += count
+    return done
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:
@@ -167,12 +185,16 @@ class PlannedTensor:
     """One output tensor: a function of source tensors, whose name, shape and dtype are known before it is computed.
 
     `produce` gets the tensors of `reads`, in order, read once each however many planned tensors use them.
+    A `verbatim` tensor is its one read's stored bytes unchanged, so the writer copies them file to file instead;
+    a `late` one is produced after all the others (it waits on work that runs meanwhile).
     """
     name: str
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype code, e.g. "BF16"
     produce: Callable[..., object]
     reads: list[SourceTensor] = field(default_factory=list)
+    verbatim: bool = False
+    late: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -281,31 +303,45 @@ def bound_malloc() -> None:
 
 def write_sharded(tensors: list[PlannedTensor], folder: Path, shard_bytes: int,
                   on_tensor: Callable[[PlannedTensor], None] = lambda t: None,
-                  read_ahead_bytes: int = 160 * 2**20) -> list[str]:
+                  read_ahead_bytes: int = 160 * 2**20, meanwhile: Callable[[], None] = lambda: None) -> list[str]:
     """Write tensors as `model-0000k-of-0000n.safetensors` plus the index; returns the shard file names.
 
-    Each header is computed from the plan, so every tensor is produced, written and dropped one at a time, while
-    the source tensors that come next are read ahead (ReadAhead). 160 MB ahead keeps a 4x135M build under 1 GB peak
-    (256 MB: 1.04 GB) at the same wall time (scripts/bench_build.py, 3 runs each).
+    Every header is computed from the plan, so each tensor goes straight to its place in its shard, in any order.
+    The verbatim tensors (most of a build's bytes: the experts' MLP matrices as stored) are copied file to file on
+    a thread (VerbatimCopies) that starts first. The calling thread meanwhile runs `meanwhile` (the build's set-up
+    of its routers, mostly imports, which need no disk), then produces, writes and drops the other tensors one at
+    a time in plan order, the late ones last, while the source tensors that come next are read ahead (ReadAhead).
+    160 MB ahead keeps
+    a 4x135M build under 1 GB peak (256 MB: 1.04 GB) at the same wall time (scripts/bench_build.py, 3 runs each).
     """
     shards = plan_shards(tensors, shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    reads = ReadAhead(tensors, read_ahead_bytes)
+    places: dict[str, tuple[int, int]] = {}  # tensor name -> (file descriptor, offset of its data)
+    fds: list[int] = []
     try:
         for file_name, shard in zip(names, shards):
-            _write_shard(folder / file_name, shard, reads, on_tensor)
-            weight_map.update({t.name: file_name for t in shard})
+            fds.append(os.open(folder / file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
+            places.update(_start_shard(fds[-1], shard))
+        copies = VerbatimCopies([(t, *places[t.name]) for t in tensors if t.verbatim], on_tensor)
+        try:
+            meanwhile()
+            produced = [t for t in tensors if not t.verbatim]
+            _write_produced([t for t in produced if not t.late] + [t for t in produced if t.late], places,
+                            read_ahead_bytes, on_tensor, copies)
+            copies.finish()
+        finally:
+            copies.stop()
     finally:
-        reads.close()
+        for fd in fds:
+            os.close(fd)
+    weight_map = {t.name: file_name for file_name, shard in zip(names, shards) for t in shard}
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return names
 
 
-def _write_shard(path: Path, shard: Iterable[PlannedTensor], reads: ReadAhead, on_tensor) -> None:
-    import torch
-
+def _start_shard(fd: int, shard: Iterable[PlannedTensor]) -> dict[str, tuple[int, int]]:
+    """Write the shard's header and give the file its full length; each tensor's (fd, offset)."""
     header, offset = {}, 0
     for t in shard:
         header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
@@ -313,13 +349,101 @@ def _write_shard(path: Path, shard: Iterable[PlannedTensor], reads: ReadAhead, o
     header["__metadata__"] = {"format": "pt"}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for t in shard:
+    data_start = 8 + len(encoded)
+    _write_at(fd, memoryview(struct.pack("<Q", len(encoded)) + encoded), 0)
+    os.ftruncate(fd, data_start + offset)
+    return {t.name: (fd, data_start + header[t.name]["data_offsets"][0]) for t in shard}
+
+
+def _write_produced(tensors: list[PlannedTensor], places: dict[str, tuple[int, int]], read_ahead_bytes: int,
+                    on_tensor, copies: VerbatimCopies) -> None:
+    import torch
+
+    reads = ReadAhead(tensors, read_ahead_bytes)
+    try:
+        for t in tensors:
+            copies.check()  # a full disk stops the build at once, not after everything else is written
             data = t.produce(*[reads.take(read) for read in t.reads])
             if tuple(data.shape) != t.shape or SAFETENSORS_DTYPES[str(data.dtype).removeprefix("torch.")] != t.dtype:
                 raise RuntimeError(f"{t.name}: produced {tuple(data.shape)} {data.dtype}, planned {t.shape} {t.dtype}")
             if data.numel():
-                f.write(data.contiguous().view(-1).view(torch.uint8).numpy().data)
+                _write_at(places[t.name][0], memoryview(data.contiguous().view(-1).view(torch.uint8).numpy()),
+                          places[t.name][1])
             on_tensor(t)
+    finally:
+        reads.close()
+
+
+def _write_at(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):  # a single write stops short of about 2 GB
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+class VerbatimCopies:
+    """Verbatim planned tensors copied from their source files to their places in the shards, in plan order, on a
+    thread.
+
+    os.copy_file_range moves the bytes inside the kernel: no buffer of ours, no memory growth, and the GIL is free
+    for the calling thread. Where the kernel cannot (an older one across file systems, a system without the call),
+    the bytes go through a buffer instead. A stop is noticed between chunks.
+    """
+
+    CHUNK_BYTES = 256 * 2**20
+
+    def __init__(self, copies: list[tuple[PlannedTensor, int, int]], on_tensor):
+        self._copies, self._on_tensor = copies, on_tensor
+        self._in_kernel = hasattr(os, "copy_file_range")
+        self._error: Optional[BaseException] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._copy_all, name="moelab-copies", daemon=True)
+        self._thread.start()
+
+    def _copy_all(self) -> None:
+        try:
+            for tensor, fd, offset in self._copies:
+                path, source_offset, nbytes = tensor.reads[0].source.span(tensor.reads[0].name)
+                with open(path, "rb") as source:
+                    self._copy(source.fileno(), source_offset, fd, offset, nbytes, f"{path} ends inside tensor "
+                               f"{tensor.reads[0].name}; the file is truncated, download it again")
+                if self._stop.is_set():
+                    return
+                self._on_tensor(tensor)
+        except BaseException as err:  # raised on the calling thread by finish()
+            self._error = err
+
+    def _copy(self, source: int, source_offset: int, fd: int, offset: int, nbytes: int, truncated: str) -> None:
+        done = 0
+        while done < nbytes and not self._stop.is_set():
+            count = min(self.CHUNK_BYTES, nbytes - done)
+            copied = self._copy_chunk(source, source_offset + done, fd, offset + done, count)
+            if copied == 0:
+                raise MoelabError(truncated)
+            done += copied
+
+    def _copy_chunk(self, source: int, source_offset: int, fd: int, offset: int, count: int) -> int:
+        if self._in_kernel:
+            try:
+                return os.copy_file_range(source, fd, count, source_offset, offset)
+            except OSError as err:
+                if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._in_kernel = False
+        buffer = memoryview(bytearray(min(count, 64 * 2**20)))
+        read = _read_into(source, buffer, source_offset)
+        _write_at(fd, buffer[:read], offset)
+        return read
+
+    def check(self) -> None:
+        """Raise what stopped the copies, if anything did."""
+        if self._error is not None:
+            raise self._error
+
+    def finish(self) -> None:
+        """Wait for the copies; raise what stopped them."""
+        self._thread.join()
+        self.check()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
