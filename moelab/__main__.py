@@ -1,5 +1,5 @@
 """`python -m moelab` runs the command line."""
 
-from moelab import main
+from moelab import command
 
-main()
+command()

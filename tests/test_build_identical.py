@@ -120,6 +120,8 @@ def test_build_writes_the_recorded_tensors(tmp_path, tiny_dense, case, reference
     assert inputs == expected["inputs"], "the tiny input models changed (torch/transformers version?): " \
                                          "the reference cannot be compared; regenerate it on the old code"
     assert sorted(outputs) == sorted(expected["outputs"])
-    assert deltas == pytest.approx(expected["shared_deltas"], rel=1e-12)
+    # The deltas are sums of squares in float32 chunks (merge.sum_of_squares), within 1e-5 of exact sums; the
+    # reference has them from one float32 reduction per tensor.
+    assert deltas == pytest.approx(expected["shared_deltas"], rel=1e-5)
     different = [name for name in outputs if outputs[name] != expected["outputs"][name]]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"

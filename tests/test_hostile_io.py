@@ -29,7 +29,7 @@ RP_CANARY = "rpa_CANARYhostileio000000000000000003"
 
 
 def run_moelab(*args: str) -> tuple[int, str, str]:
-    """`moelab ARGS` in this process, through the entry point `python -m moelab` runs: (exit code, stdout, stderr)."""
+    """`moelab ARGS` in this process, through moelab.main, which the program runs: (exit code, stdout, stderr)."""
     import logging
 
     from typer.testing import CliRunner

@@ -347,19 +347,28 @@ def _write_with_progress(plan: list[PlannedTensor], folder: Path, options: Build
                          check: Callable[[], None]) -> list[str]:
     """Write the plan with one bar over its bytes, which names what the router thread is at; `check` runs while
     the writer copies."""
+    import torch
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
     total = sum(t.nbytes for t in plan)
+    cores = torch.get_num_threads()
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), disable=not options.show_progress, transient=True) as progress:
         task = progress.add_task("building", total=total)
 
         def meanwhile():
             check()
-            routers.start(lambda note: progress.update(task, description=f"building ({note})" if note else "building"))
-        return write_sharded(plan, folder, options.shard_bytes,
-                             on_tensor=lambda t: progress.advance(task, t.nbytes), meanwhile=meanwhile)
+            # The router thread's pass and this thread's merges each get half the cores: two pools of all the
+            # cores spin against each other, which made both 2.6x slower (4x1B on 2 cores).
+            if routers.start(lambda note: progress.update(task, description=f"building ({note})" if note
+                                                          else "building"), threads=max(1, cores - cores // 2)):
+                torch.set_num_threads(max(1, cores // 2))
+        try:
+            return write_sharded(plan, folder, options.shard_bytes,
+                                 on_tensor=lambda t: progress.advance(task, t.nbytes), meanwhile=meanwhile)
+        finally:
+            torch.set_num_threads(cores)
 
 
 def _check_config(layout: MoeLayout, config: dict, base_ref: str) -> None:

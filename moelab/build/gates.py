@@ -185,17 +185,20 @@ class RouterRows:
             self.gates = random_gates(num_layers, len(experts), hidden, seed, uniform=self.mode == "uniform_random")
             self._layers_done = num_layers
 
-    def start(self, note: Callable[[str], None] = lambda text: None) -> None:
-        """Compute the rows on a thread; `note` gets a line on how far it is ("" when done).
+    def start(self, note: Callable[[str], None] = lambda text: None, threads: Optional[int] = None) -> bool:
+        """Compute the rows on a thread (with `threads` for torch's own, default all); `note` gets a line on how
+        far it is ("" when done). False when there is nothing to compute.
 
         The pass's model is made here, on the calling thread: transformers sets torch's default dtype (global
         state) while it makes a model, which must not happen while another thread makes one or computes."""
-        if self._thread is None and self._layers_done < self.num_layers:
-            if self.mode != "cheap_embed":
-                self._model, self._streamed = gate_pass_model(self.base.folder, self.device, *self.quantized)
-            self._note = note
-            self._thread = threading.Thread(target=self._compute, name="moelab-routers", daemon=True)
-            self._thread.start()
+        if self._thread is not None or self._layers_done == self.num_layers:
+            return False
+        if self.mode != "cheap_embed":
+            self._model, self._streamed = gate_pass_model(self.base.folder, self.device, *self.quantized)
+        self._note = note
+        self._thread = threading.Thread(target=self._compute, args=(threads,), name="moelab-routers", daemon=True)
+        self._thread.start()
+        return True
 
     def stop(self) -> None:
         """Stop the thread at its next layer (a build that failed). Not joined: it may be inside an import, and it
@@ -246,7 +249,11 @@ class RouterRows:
             self._layers_done = count
             self._cond.notify_all()
 
-    def _compute(self) -> None:
+    def _compute(self, threads: Optional[int]) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)  # this thread's own setting
         try:
             self._note("routers: loading the tokenizer and the model's layers")
             self._prepare()
