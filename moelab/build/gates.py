@@ -179,6 +179,7 @@ class RouterRows:
         self._layers_done = 0
         self._error: Optional[BaseException] = None
         self._stop = False
+        self._writer_waits = False  # the writer has nothing left but router rows
         self._thread: Optional[threading.Thread] = None
         self._note: Callable[[str], None] = lambda text: None
         if self.mode in ("random", "uniform_random"):
@@ -186,17 +187,21 @@ class RouterRows:
             self._layers_done = num_layers
 
     def start(self, note: Callable[[str], None] = lambda text: None, threads: Optional[int] = None) -> bool:
-        """Compute the rows on a thread (with `threads` for torch's own, default all); `note` gets a line on how
-        far it is ("" when done). False when there is nothing to compute.
+        """Compute the rows on a thread, with `threads` of torch's own while the writer works and all of them once
+        it waits in rows() (default all throughout); `note` gets a line on how far it is ("" when done). False when
+        there is nothing to compute.
 
         The pass's model is made here, on the calling thread: transformers sets torch's default dtype (global
         state) while it makes a model, which must not happen while another thread makes one or computes."""
+        import torch
+
         if self._thread is not None or self._layers_done == self.num_layers:
             return False
         if self.mode != "cheap_embed":
             self._model, self._streamed = gate_pass_model(self.base.folder, self.device, *self.quantized)
         self._note = note
-        self._thread = threading.Thread(target=self._compute, args=(threads,), name="moelab-routers", daemon=True)
+        self._thread = threading.Thread(target=self._compute, args=(threads, torch.get_num_threads()),
+                                        name="moelab-routers", daemon=True)
         self._thread.start()
         return True
 
@@ -211,6 +216,7 @@ class RouterRows:
         """Layer `layer`'s rows (E, H) float32, once the thread has them."""
         self.start()
         with self._cond:
+            self._writer_waits = True
             self._cond.wait_for(lambda: self._layers_done > layer or self._error is not None)
             if self._error is not None:
                 raise self._error
@@ -249,7 +255,7 @@ class RouterRows:
             self._layers_done = count
             self._cond.notify_all()
 
-    def _compute(self, threads: Optional[int]) -> None:
+    def _compute(self, threads: Optional[int], all_threads: int) -> None:
         import torch
 
         if threads:
@@ -269,6 +275,8 @@ class RouterRows:
                     if self.streams_layers:
                         weights = {n: self._shared(n) for n in self.shared_weights.names if layer_of(n) == layer}
                         weights.update({n: self.base.tensors.get(n) for n in self.dense_mlp(layer)})
+                    if self._writer_waits:
+                        torch.set_num_threads(all_threads)
                     self._advance(layer, weights)
                     self._layers_computed(layer + 1)
             self._pass = None
