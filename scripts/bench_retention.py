@@ -58,9 +58,11 @@ CONFIGS = {
     "ties-ridge-heal": {"shared_weights": "ties", "gate_mode": "ridge", "heal": {}},
     "ties-trained-heal-experts": {"shared_weights": "ties", "gate_mode": "trained",
                                   "heal": {"parts": ["shared", "router", "experts"]}},
-    # Longer heals: all 200 heal examples per domain, 8 per step, 300 steps; with or without LoRA on the experts.
+    # Longer heals: all 200 heal examples per domain, 8 per step, 300 or 600 steps; with or without LoRA on the experts.
     "ties-trained-heal-long": {"shared_weights": "ties", "gate_mode": "trained",
                                "heal": {"steps": 300, "batch": 8, "examples": 200}},
+    "ties-trained-heal-600": {"shared_weights": "ties", "gate_mode": "trained",
+                              "heal": {"steps": 600, "batch": 8, "examples": 200}},
     "ties-trained-heal-long-experts": {"shared_weights": "ties", "gate_mode": "trained",
                                        "heal": {"steps": 300, "batch": 8, "examples": 200,
                                                 "parts": ["shared", "router", "experts"]}},
