@@ -271,10 +271,7 @@ class RouterRows:
                 self._pass.embed(self._shared(EMBEDDING) if self.streams_layers else None)
                 for layer in range(self.num_layers):
                     self._note(f"routers: layer {layer + 1}/{self.num_layers}")
-                    weights = None
-                    if self.streams_layers:
-                        weights = {n: self._shared(n) for n in self.shared_weights.names if layer_of(n) == layer}
-                        weights.update({n: self.base.tensors.get(n) for n in self.dense_mlp(layer)})
+                    weights = self._layer_weights(layer, self._shared) if self.streams_layers else None
                     if self._writer_waits:
                         torch.set_num_threads(all_threads)
                     self._advance(layer, weights)
@@ -325,10 +322,7 @@ class RouterRows:
         self._pass.embed(shared_weights.get(EMBEDDING) if streamed else None)
         for layer in range(self.num_layers):
             self._note(f"routers: layer {layer + 1}/{self.num_layers} of the pass for {self.mode}")
-            weights = None
-            if streamed:
-                weights = {n: shared_weights.get(n) for n in shared_weights.names if layer_of(n) == layer}
-                weights.update({n: self.base.tensors.get(n) for n in self.dense_mlp(layer)})
+            weights = self._layer_weights(layer, shared_weights.get) if streamed else None
             states = self._advance(layer, weights)
             first = sum(1 for b in self._pass.batches if b.group < self._hidden_groups)
             per_layer.append(training.features(states[first:]))
@@ -338,6 +332,13 @@ class RouterRows:
         fitted, self.report = fitted_gates(training, per_layer, recipe.expert_names(), self.gates[:, :self.routed],
                                            self.mode, recipe.router_training)
         self.gates[:, :self.routed] = fitted
+
+    def _layer_weights(self, layer: int, shared: Callable) -> dict:
+        """Decoder layer `layer`'s weights for the pass: its shared tensors as `shared` gives them, and the base's
+        dense MLP."""
+        weights = {n: shared(n) for n in self.shared_weights.names if layer_of(n) == layer}
+        weights.update({n: self.base.tensors.get(n) for n in self.dense_mlp(layer)})
+        return weights
 
     def dense_mlp(self, layer: int) -> list[str]:
         """The base's own MLP tensors of `layer` (fused ones, like Phi-3's gate_up_proj, as they are stored)."""

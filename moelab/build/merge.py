@@ -104,8 +104,6 @@ class SharedWeights:
 
     def merge(self, name: str, base, *contributed):
         """The shared tensor `name` from the tensors of reads(name); records the experts' deltas of it."""
-        import torch
-
         measured = self._measured(name)
         base_norm_sq = sum_of_squares(base)
         self._delta_sq[name] = {expert: (sum_of_squares(tensor, base), base_norm_sq)

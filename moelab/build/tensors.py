@@ -102,8 +102,7 @@ class SafetensorsFolder:
             f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
 
     def nbytes(self, name: str) -> int:
-        begin, end = self._entry(name)[1]["data_offsets"]
-        return end - begin
+        return self.span(name)[2]
 
 
 def _read_into(fd: int, view: memoryview, offset: int) -> int:
@@ -311,8 +310,8 @@ def write_sharded(tensors: list[PlannedTensor], folder: Path, shard_bytes: int,
     a thread (VerbatimCopies) that starts first. The calling thread meanwhile runs `meanwhile` (the build's set-up
     of its routers, mostly imports, which need no disk), then produces, writes and drops the other tensors one at
     a time in plan order, the late ones last, while the source tensors that come next are read ahead (ReadAhead).
-    160 MB ahead keeps
-    a 4x135M build under 1 GB peak (256 MB: 1.04 GB) at the same wall time (scripts/bench_build.py, 3 runs each).
+    160 MB ahead keeps a 4x135M build under 1 GB peak (256 MB: 1.04 GB) at the same wall time
+    (scripts/bench_build.py, 3 runs each).
     """
     shards = plan_shards(tensors, shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -394,6 +393,7 @@ class VerbatimCopies:
     def __init__(self, copies: list[tuple[PlannedTensor, int, int]], on_tensor):
         self._copies, self._on_tensor = copies, on_tensor
         self._in_kernel = hasattr(os, "copy_file_range")
+        self._buffer: Optional[memoryview] = None  # for copies the kernel refused
         self._error: Optional[BaseException] = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._copy_all, name="moelab-copies", daemon=True)
@@ -429,9 +429,10 @@ class VerbatimCopies:
                 if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                     raise
                 self._in_kernel = False
-        buffer = memoryview(bytearray(min(count, 64 * 2**20)))
-        read = _read_into(source, buffer, source_offset)
-        _write_at(fd, buffer[:read], offset)
+        if self._buffer is None:
+            self._buffer = memoryview(bytearray(64 * 2**20))
+        read = _read_into(source, self._buffer[:count], source_offset)
+        _write_at(fd, self._buffer[:read], offset)
         return read
 
     def check(self) -> None:
