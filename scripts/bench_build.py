@@ -5,8 +5,10 @@ Llama whose random experts this script writes, and with --7b (3) 2 random Llama 
 (moelab only: mergekit-moe loads the whole base model, which does not fit beside the others' work here). Both
 tools get the same recipe file (moelab reads mergekit-moe recipes unchanged; model references are resolved to
 local folders first). Runs alternate between the tools, each in a fresh process under /usr/bin/time, after one
-warm-up run of each (LoRA merges, page cache). The load average before each run is recorded: on a shared
-machine, compare medians of the ratios, and CPU seconds, rather than single wall times.
+warm-up run of each (LoRA merges, page cache). Before each run (and the copy) `sync` writes out what the previous
+run left in the page cache, untimed: otherwise each run also paid for the write-back of the other tool's output,
+which made a tool's time depend on which tool ran before it. The load average before each run is recorded: on a
+shared machine, compare medians of the ratios, and CPU seconds, rather than single wall times.
 
 Writes reports/bench/build.json and the table between the bench-build markers in README.md.
 
@@ -166,11 +168,13 @@ def bench(name: str, recipe: dict, work: Path, tools: list[str], runs: int) -> d
     for run in range(runs):
         for tool in tools if run % 2 == 0 else tools[::-1]:
             shutil.rmtree(out, ignore_errors=True)
+            os.sync()
             measured[tool].append(timed(commands(tool, recipe_path, out)))
             print(f"  {name} {tool} run {run + 1}: {measured[tool][-1]}", flush=True)
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(commands("moelab", recipe_path, out), check=True, capture_output=True)
     copy = work / f"{name}-copy"
+    os.sync()
     load = os.getloadavg()[0]
     start = time.perf_counter()
     subprocess.run(["cp", "-r", str(out), str(copy)], check=True)

@@ -173,6 +173,37 @@ def test_hidden_gate_rows_equal_the_hand_computation(tmp_path, tiny_dense):
                                    expected[layer], atol=2e-2, rtol=2e-2)
 
 
+def test_the_pass_computes_the_same_states_whatever_the_threads():
+    """MKL sums a matmul of 5 to 11 rows in another order on 2 threads than on 1 (hidden 576, this machine's 2 cores):
+    the pass computes every batch with one torch thread, so states do not depend on the caller's thread count, nor
+    on how many threads run batches side by side (it used to switch counts as the writer finished: rows that varied
+    from run to run)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from moelab.build.layer_pass import LayerPass, prompt_batches
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=576, intermediate_size=1536, num_hidden_layers=1,
+                                         num_attention_heads=9, num_key_value_heads=3)).eval()
+    groups = [[list(range(1, 8))], [list(range(1, 11))], [list(range(1, 6))]]  # 7, 10 and 5 rows
+
+    def states(torch_threads: int, workers: int):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(torch_threads)
+        try:
+            layer_pass = LayerPass(model, prompt_batches(groups), "cpu", streamed=False)
+            layer_pass.workers = workers
+            layer_pass.embed()
+            return layer_pass.run_layer()
+        finally:
+            torch.set_num_threads(threads)
+
+    reference = states(1, 1)
+    for torch_threads, workers in ((2, 1), (2, 2), (2, 3)):
+        for got, want in zip(states(torch_threads, workers), reference):
+            assert torch.equal(got, want), (torch_threads, workers)
+
+
 def test_random_gates_are_seeded_and_scaled(tmp_path, tiny_dense):
     a, b = tiny_dense("a", seed=0), tiny_dense("b", seed=1)
     experts = [{"source_model": str(a)}, {"source_model": str(b)}]

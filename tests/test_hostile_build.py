@@ -341,11 +341,15 @@ def test_an_index_that_puts_a_tensor_in_a_shard_without_it_gets_a_one_line_error
 
 @pytest.mark.parametrize("key, value", [("hidden_act", "no-such-activation"), ("rms_norm_eps", "tiny"),
                                         ("rope_scaling", {"rope_type": "no-such-rope"})])
-def test_a_base_config_that_transformers_rejects_is_refused_before_writing(tmp_path, tiny_dense, key, value):
+@pytest.mark.parametrize("gate_mode", ["random", "hidden"])  # hidden makes the pass's model of the base config first
+def test_a_base_config_that_transformers_rejects_is_refused_before_writing(tmp_path, tiny_dense, key, value,
+                                                                           gate_mode):
     a, b = tiny_dense("a"), tiny_dense("b", seed=1)
     config = json.loads((a / "config.json").read_text())
     (a / "config.json").write_text(json.dumps({**config, key: value}))
-    one_line_error(lambda: build(random_recipe(tmp_path, a, b), tmp_path / "out"), "values transformers rejects")
+    experts = [{"source_model": str(m), "name": n, "positive_prompts": [f"about {n}"]} for m, n in ((a, "a"), (b, "b"))]
+    recipe = random_recipe(tmp_path, a, b, gate_mode=gate_mode, experts=experts)
+    one_line_error(lambda: build(recipe, tmp_path / "out"), "values transformers rejects")
     assert not (tmp_path / "out").exists()
 
 

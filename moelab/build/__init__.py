@@ -385,9 +385,9 @@ def _check_config(layout: MoeLayout, config: dict, base_ref: str) -> None:
         with torch.device("meta"):
             transformers.AutoModelForCausalLM.from_config(getattr(transformers, layout.config_class)(**config))
     except Exception as err:  # noqa: BLE001 - transformers rejects a bad config with any exception type
+        first_line = (str(err).splitlines() or [""])[0][:200]
         raise MoelabError(f"config.json of the base model '{base_ref}' has values transformers rejects "
-                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); the model folder is "
-                          "damaged") from None
+                          f"({type(err).__name__}: {first_line}); the model folder is damaged") from None
 
 
 def _write_config(layout: MoeLayout, config: dict, folder: Path) -> None:

@@ -180,6 +180,7 @@ class RouterRows:
         self._error: Optional[BaseException] = None
         self._stop = False
         self._writer_waits = False  # the writer has nothing left but router rows
+        self._cores = (1, 1)  # the cores the pass uses while the writer works, and once it waits
         self._thread: Optional[threading.Thread] = None
         self._note: Callable[[str], None] = lambda text: None
         if self.mode in ("random", "uniform_random"):
@@ -187,9 +188,9 @@ class RouterRows:
             self._layers_done = num_layers
 
     def start(self, note: Callable[[str], None] = lambda text: None, threads: Optional[int] = None) -> bool:
-        """Compute the rows on a thread, with `threads` of torch's own while the writer works and all of them once
-        it waits in rows() (default all throughout); `note` gets a line on how far it is ("" when done). False when
-        there is nothing to compute.
+        """Compute the rows on a thread, with `threads` cores while the writer works and all of them once it waits
+        in rows() (default all throughout); `note` gets a line on how far it is ("" when done). False when there is
+        nothing to compute.
 
         The pass's model is made here, on the calling thread: transformers sets torch's default dtype (global
         state) while it makes a model, which must not happen while another thread makes one or computes."""
@@ -260,6 +261,7 @@ class RouterRows:
 
         if threads:
             torch.set_num_threads(threads)  # this thread's own setting
+        self._cores = (threads or all_threads, all_threads)
         try:
             self._note("routers: loading the tokenizer and the model's layers")
             self._prepare()
@@ -272,8 +274,6 @@ class RouterRows:
                 for layer in range(self.num_layers):
                     self._note(f"routers: layer {layer + 1}/{self.num_layers}")
                     weights = self._layer_weights(layer, self._shared) if self.streams_layers else None
-                    if self._writer_waits:
-                        torch.set_num_threads(all_threads)
                     self._advance(layer, weights)
                     self._layers_computed(layer + 1)
             self._pass = None
@@ -346,6 +346,8 @@ class RouterRows:
 
     def _advance(self, layer: int, weights):
         """Run the pass through `layer` and set its hidden-mode rows; returns the per-batch states."""
+        writing, waiting = self._cores
+        self._pass.workers = waiting if self._writer_waits else writing
         states = self._pass.run_layer(weights, router_input=self.mode in ("hidden", *FITTED_GATE_MODES))
         pool_mode = "hidden" if self.mode in FITTED_GATE_MODES else self.mode
         skip_first = self.tokenizer.bos_token_id is not None
