@@ -341,7 +341,7 @@ def test_an_index_that_puts_a_tensor_in_a_shard_without_it_gets_a_one_line_error
 
 @pytest.mark.parametrize("key, value", [("hidden_act", "no-such-activation"), ("rms_norm_eps", "tiny"),
                                         ("rope_scaling", {"rope_type": "no-such-rope"})])
-@pytest.mark.parametrize("gate_mode", ["random", "hidden"])  # hidden makes the pass's model of the base config first
+@pytest.mark.parametrize("gate_mode", ["random", "hidden"])  # hidden: refused before the pass makes its base model
 def test_a_base_config_that_transformers_rejects_is_refused_before_writing(tmp_path, tiny_dense, key, value,
                                                                            gate_mode):
     a, b = tiny_dense("a"), tiny_dense("b", seed=1)

@@ -30,7 +30,7 @@ from moelab.build.layouts import is_dense_mlp
 from moelab.build.layer_pass import EMBEDDING, LayerPass, layer_of, layer_prefix, prompt_batches
 
 from moelab.errors import MoelabError
-from moelab.recipe import FITTED_GATE_MODES, HIDDEN_GATE_MODES, Expert, Recipe
+from moelab.recipe import FITTED_GATE_MODES, HIDDEN_GATE_MODES, RANDOM_GATE_MODES, Expert, Recipe
 
 EPS = 1e-8
 
@@ -183,7 +183,7 @@ class RouterRows:
         self._cores = (1, 1)  # the cores the pass uses while the writer works, and once it waits
         self._thread: Optional[threading.Thread] = None
         self._note: Callable[[str], None] = lambda text: None
-        if self.mode in ("random", "uniform_random"):
+        if self.mode in RANDOM_GATE_MODES:
             self.gates = random_gates(num_layers, len(experts), hidden, seed, uniform=self.mode == "uniform_random")
             self._layers_done = num_layers
 
