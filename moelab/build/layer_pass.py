@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 PROMPT_BATCH = 32
+# Batches of this many rows (prompts x tokens) in all, at most GANG_BATCHES of them, multiply by each weight matrix
+# together. A matmul of few rows costs about the read of the weights (1B MLP, one thread: 4 x 8 rows apart 70 ms,
+# together 28 ms; 2 x 128 rows 137 against 96 ms); from about 256 rows it costs the multiplications, together or not.
+GANG_ROWS = 256
+GANG_BATCHES = 16
 EMBEDDING = "model.embed_tokens.weight"
 
 
@@ -53,6 +58,83 @@ def prompt_batches(groups: Sequence[list[list[int]]]) -> list[PromptBatch]:
     return batches
 
 
+def gangs(batches: list[PromptBatch]) -> list[list[int]]:
+    """Consecutive batches grouped into gangs of at most GANG_ROWS rows and GANG_BATCHES batches (a larger batch
+    alone)."""
+    result: list[list[int]] = []
+    rows = 0
+    for index, batch in enumerate(batches):
+        size = batch.ids.numel()
+        if not result or rows + size > GANG_ROWS or len(result[-1]) == GANG_BATCHES:
+            result.append([])
+            rows = 0
+        result[-1].append(index)
+        rows += size
+    return result
+
+
+class _GangBroken(Exception):
+    """A batch of the gang failed; the others stop at their next linear layer (the failure itself is raised)."""
+
+
+class _Gang:
+    """The batches of one gang running one layer side by side, a thread each, whose linear layers meet: the last
+    batch to reach a linear layer multiplies the rows of all of them in one matmul, and each takes its own rows.
+
+    MKL computes each row of a matmul of 5 rows or more alike whatever the other rows (measured at every shape of
+    the 1B benchmark and of SmolLM2), so a batch's states are those of a forward of that batch alone; a batch of
+    fewer rows (a prompt of 1-3 tokens alone) may differ from that in the last bits, the same on every run.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._cond = threading.Condition()
+        self._meetings: dict[tuple, dict] = {}  # (module, its call count) -> inputs by slot, and the outputs
+        self._broken = False
+
+    def linear(self, module, x, slot: int, call: int):
+        import torch
+
+        with self._cond:
+            meeting = self._meetings.setdefault((module, call), {"inputs": [None] * self.size, "outputs": None})
+            meeting["inputs"][slot] = x
+            if any(i is None for i in meeting["inputs"]):
+                self._cond.wait_for(lambda: meeting["outputs"] is not None or self._broken)
+                if meeting["outputs"] is None:
+                    raise _GangBroken
+                return meeting["outputs"][slot]
+        inputs = meeting["inputs"]
+        rows = torch.nn.functional.linear(torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs]), module.weight,
+                                          module.bias)
+        outputs = [part.reshape(*i.shape[:-1], part.shape[-1])
+                   for part, i in zip(rows.split([i.numel() // i.shape[-1] for i in inputs]), inputs)]
+        with self._cond:
+            meeting["outputs"] = outputs
+            self._cond.notify_all()
+        return outputs[slot]
+
+    def break_up(self) -> None:
+        with self._cond:
+            self._broken = True
+            self._cond.notify_all()
+
+
+_running = threading.local()  # on a thread that runs a batch of a gang: .gang, .slot and .calls
+
+
+def _gang_linear_forward(module):
+    """The forward of `module` (an nn.Linear of the pass's model): F.linear, or on a gang's thread the gang's."""
+    import torch
+
+    def forward(x):
+        gang = getattr(_running, "gang", None)
+        if gang is None:
+            return torch.nn.functional.linear(x, module.weight, module.bias)
+        call = _running.calls[module] = _running.calls.get(module, -1) + 1
+        return gang.linear(module, x, _running.slot, call)
+    return forward
+
+
 class _Captured(Exception):
     pass
 
@@ -87,10 +169,10 @@ class LayerPass:
     once, the residual stream cast back to bf16 between layers): CPUs without bf16 matrix units run bf16 matmuls
     several times slower, and only the running layer is ever in float32.
 
-    On the CPU every batch computes with one torch thread, and `workers` threads run batches side by side: MKL sums
-    a matmul of 5 to 11 rows in another order on 2 threads than on 1, so states computed with a thread count that
-    varies (with the cores free, with the machine) would vary too. Batches side by side are also faster: a matmul
-    of few rows is bound by reading the weights, which one thread does at half the speed two do.
+    On the CPU every batch computes with one torch thread: MKL sums a matmul of 5 to 11 rows in another order on
+    2 threads than on 1, so states computed with a thread count that varies (with the cores free, with the
+    machine) would vary too. Batches of few rows run in gangs whose linear layers multiply all their rows at once
+    (_Gang), and `workers` threads run gangs side by side.
     """
 
     def __init__(self, model, batches: list[PromptBatch], device: str, streamed: bool):
@@ -102,11 +184,16 @@ class LayerPass:
         self.layer_args: list[dict] = []   # per batch: layer index -> keyword arguments of that layer
         self.hidden: list = []             # per batch: the residual stream entering the next layer to run
         self.next_layer = 0
-        self.workers = 1  # threads that run batches side by side (CPU); the caller raises it as cores free up
+        self.workers = 1  # gangs of batches run side by side (CPU); the caller raises it as cores free up
         self._router_input = threading.local()  # each thread's batch's router input, kept by the hook below
         self._staged: dict[str, object] = {}  # the running layer's weights in compute_dtype, by name in the layer
+        self.gangs = gangs(batches)
         for layer in model.model.layers:
             layer.post_attention_layernorm.register_forward_hook(self._keep_router_input)
+            if device == "cpu":
+                for module in layer.modules():
+                    if type(module) is torch.nn.Linear:
+                        module.forward = _gang_linear_forward(module)
         self._torch = torch
 
     def _keep_router_input(self, _module, _inputs, output):
@@ -163,35 +250,51 @@ class LayerPass:
         return states
 
     def _run_batches(self, run) -> list:
-        """[run(b) for every batch b]: on the CPU with one torch thread each, on up to `workers` threads."""
+        """[run(b) for every batch b]: on the CPU each batch on a thread of its own with one torch thread, a gang's
+        batches side by side, up to `workers` gangs at a time."""
         torch = self._torch
         count = len(self.batches)
         if self.device != "cpu":
             return [run(b) for b in range(count)]
-        workers = max(1, min(self.workers, count))
+        workers = max(1, min(self.workers, len(self.gangs)))
         results: list = [None] * count
         errors: list[BaseException] = []
 
-        def run_every(first: int) -> None:
+        def run_one(gang: _Gang, slot: int, batch: int) -> None:
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # this thread's own setting
+            _running.gang, _running.slot, _running.calls = gang, slot, {}
             try:
-                for b in range(first, count, workers):
-                    results[b] = run(b)
+                results[batch] = run(batch)
             except BaseException as err:  # raised below, on the calling thread
                 errors.append(err)
+                gang.break_up()
             finally:
+                _running.gang = None
                 torch.set_num_threads(threads)
 
-        helpers = [threading.Thread(target=run_every, args=(first,), name="moelab-pass", daemon=True)
+        def run_gangs(first: int) -> None:
+            for members in self.gangs[first::workers]:
+                gang = _Gang(len(members))
+                helpers = [threading.Thread(target=run_one, args=(gang, slot, batch), name="moelab-pass", daemon=True)
+                           for slot, batch in enumerate(members) if slot]
+                for helper in helpers:
+                    helper.start()
+                run_one(gang, 0, members[0])
+                for helper in helpers:
+                    helper.join()
+                if errors:
+                    return
+
+        runners = [threading.Thread(target=run_gangs, args=(first,), name="moelab-pass", daemon=True)
                    for first in range(1, workers)]
-        for helper in helpers:
-            helper.start()
-        run_every(0)
-        for helper in helpers:
-            helper.join()
+        for runner in runners:
+            runner.start()
+        run_gangs(0)
+        for runner in runners:
+            runner.join()
         if errors:
-            raise errors[0]
+            raise next((e for e in errors if not isinstance(e, _GangBroken)), errors[0])
         return results
 
     def _stage(self, name: str, tensor):
