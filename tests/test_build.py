@@ -206,14 +206,15 @@ def test_the_pass_computes_the_same_states_whatever_the_threads():
 
 def test_a_gang_of_batches_computes_what_each_batch_computes_alone():
     """Batches of few rows share each linear layer's matmul (one read of the weights for all of them); every batch
-    still gets the states of a pass over that batch alone, bit for bit (hidden 576, batches of 7, 10 and 5 rows)."""
+    still gets the states of a pass over that batch alone, bit for bit (the 1B benchmark's layer shapes, which gang:
+    188 MB in float32; batches of 7, 10 and 5 rows)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from moelab.build.layer_pass import LayerPass, gangs, prompt_batches
+    from moelab.build.layer_pass import LayerPass, prompt_batches
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
-                                         num_attention_heads=9, num_key_value_heads=3)).eval()
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=2048, intermediate_size=5632, num_hidden_layers=2,
+                                         num_attention_heads=16, num_key_value_heads=8)).eval()
     groups = [[list(range(1, 8))], [list(range(1, 11))], [list(range(3, 8))]]
 
     def states(token_groups):
@@ -221,12 +222,12 @@ def test_a_gang_of_batches_computes_what_each_batch_computes_alone():
         layer_pass.embed()
         return [layer_pass.run_layer() for _ in range(2)]
 
-    together = LayerPass(model, prompt_batches(groups), "cpu", streamed=False)
-    assert gangs(together.batches) == [[0, 1, 2]]
+    assert LayerPass(model, prompt_batches(groups), "cpu", streamed=False).gangs == [[0, 1, 2]]
+    together = states(groups)
     for b, group in enumerate(groups):
         alone = states([group])
         for layer in range(2):
-            assert torch.equal(states(groups)[layer][b], alone[layer][0]), (b, layer)
+            assert torch.equal(together[layer][b], alone[layer][0]), (b, layer)
 
 
 def test_random_gates_are_seeded_and_scaled(tmp_path, tiny_dense):
