@@ -192,9 +192,10 @@ class LayerPass:
         self._staged: dict[str, object] = {}  # the running layer's weights in compute_dtype, by name in the layer
         layer_bytes = 4 * sum(p.numel() for p in model.model.layers[0].parameters()) if self.num_layers else 0
         self.gangs = gangs(batches) if layer_bytes > GANG_LAYER_BYTES else [[b] for b in range(len(batches))]
+        ganged = device == "cpu" and any(len(members) > 1 for members in self.gangs)
         for layer in model.model.layers:
             layer.post_attention_layernorm.register_forward_hook(self._keep_router_input)
-            if device == "cpu":
+            if ganged:
                 for module in layer.modules():
                     if type(module) is torch.nn.Linear:
                         module.forward = _gang_linear_forward(module)
@@ -267,7 +268,8 @@ class LayerPass:
         def run_one(gang: _Gang, slot: int, batch: int) -> None:
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # this thread's own setting
-            _running.gang, _running.slot, _running.calls = gang, slot, {}
+            # A batch alone multiplies by itself (no meeting, no copy of its rows).
+            _running.gang, _running.slot, _running.calls = (gang if gang.size > 1 else None), slot, {}
             try:
                 results[batch] = run(batch)
             except BaseException as err:  # raised below, on the calling thread
