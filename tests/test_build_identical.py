@@ -3,6 +3,10 @@
 The reference (tests/fixtures/build_hashes.json: sha256 per output tensor) was recorded with the build before
 its streaming rewrite, so a faster build must still write the same bytes. Regenerate it only on purpose:
 MOELAB_WRITE_BUILD_HASHES=1 python -m pytest tests/test_build_identical.py
+
+Float32 router rows keep the last bits of the pass's float32 matmuls, whose summation order MKL picks by CPU (on
+AMD it runs other kernels than on Intel), so a case may also hold, under outputs_on_other_cpus, the hashes that
+the build before streaming (cd7e703) wrote on another CPU; a tensor matches its recorded hash or one of those.
 """
 
 from __future__ import annotations
@@ -123,5 +127,10 @@ def test_build_writes_the_recorded_tensors(tmp_path, tiny_dense, case, reference
     # The deltas are sums of squares in float32 chunks (merge.sum_of_squares), within 1e-5 of exact sums; the
     # reference has them from one float32 reduction per tensor.
     assert deltas == pytest.approx(expected["shared_deltas"], rel=1e-5)
-    different = [name for name in outputs if outputs[name] != expected["outputs"][name]]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    accepted = {name: {digest} for name, digest in expected["outputs"].items()}
+    for hashes in expected.get("outputs_on_other_cpus", {}).values():
+        for name, digest in hashes.items():
+            accepted[name].add(digest)
+    different = [name for name in outputs if outputs[name] not in accepted[name]]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]} (float32 router rows alone on a " \
+                          "new kind of CPU: record cd7e703's hashes there, see the module docstring)"
