@@ -235,6 +235,8 @@ def main() -> None:
     parser.add_argument("--no-mergekit", action="store_true", help="moelab and cp only")
     args = parser.parse_args()
     tools = ["moelab"] if args.no_mergekit else ["moelab", "mergekit"]
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="moelab-bench-", dir=args.work))
     builds = args.builds.split(",")
     rows = []
