@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from moelab.build.layouts import is_dense_mlp
 from moelab.build.layer_pass import EMBEDDING, LayerPass, layer_of, layer_prefix, prompt_batches
@@ -333,12 +333,14 @@ class RouterRows:
                                            self.mode, recipe.router_training)
         self.gates[:, :self.routed] = fitted
 
-    def _layer_weights(self, layer: int, shared: Callable) -> dict:
-        """Decoder layer `layer`'s weights for the pass: its shared tensors as `shared` gives them, and the base's
-        dense MLP."""
-        weights = {n: shared(n) for n in self.shared_weights.names if layer_of(n) == layer}
-        weights.update({n: self.base.tensors.get(n) for n in self.dense_mlp(layer)})
-        return weights
+    def _layer_weights(self, layer: int, shared: Callable) -> Iterator[tuple[str, object]]:
+        """Decoder layer `layer`'s weights for the pass, (name, tensor) one at a time: its shared tensors as `shared`
+        gives them, and the base's dense MLP."""
+        for name in self.shared_weights.names:
+            if layer_of(name) == layer:
+                yield name, shared(name)
+        for name in self.dense_mlp(layer):
+            yield name, self.base.tensors.get(name)
 
     def dense_mlp(self, layer: int) -> list[str]:
         """The base's own MLP tensors of `layer` (fused ones, like Phi-3's gate_up_proj, as they are stored)."""
