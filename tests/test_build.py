@@ -230,6 +230,42 @@ def test_a_gang_of_batches_computes_what_each_batch_computes_alone():
             assert torch.equal(together[layer][b], alone[layer][0]), (b, layer)
 
 
+def test_a_gang_never_waits_for_a_batch_that_takes_another_path():
+    """Batches of a gang that call different linear layers, one of them twice, or none, each get their own rows'
+    products, and none waits forever for a batch that will not come."""
+    import threading
+
+    from moelab.build.layer_pass import _Gang
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(64, 32), torch.nn.Linear(64, 48)
+    paths = [[a, b], [b], [a, a, b], []]  # per batch: the linear layers it calls, in turn
+    inputs = [torch.randn(8, 64) for _ in paths]
+    gang, results = _Gang(len(paths)), {}
+
+    def run(slot: int) -> None:
+        calls: dict = {}
+        try:
+            results[slot] = []
+            for module in paths[slot]:
+                calls[module] = calls.get(module, -1) + 1
+                results[slot].append(gang.linear(module, inputs[slot], slot, calls[module]))
+        finally:
+            gang.finish()
+
+    threads = [threading.Thread(target=run, args=(slot,), daemon=True) for slot in range(len(paths))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a batch of the gang still waits"
+    for slot, path in enumerate(paths):
+        assert len(results[slot]) == len(path)
+        for module, got in zip(path, results[slot]):
+            want = torch.nn.functional.linear(inputs[slot], module.weight, module.bias)
+            assert torch.allclose(got, want, atol=1e-6), slot
+
+
 def test_random_gates_are_seeded_and_scaled(tmp_path, tiny_dense):
     a, b = tiny_dense("a", seed=0), tiny_dense("b", seed=1)
     experts = [{"source_model": str(a)}, {"source_model": str(b)}]

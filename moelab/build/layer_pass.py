@@ -81,8 +81,10 @@ class _GangBroken(Exception):
 
 
 class _Gang:
-    """The batches of one gang running one layer side by side, a thread each, whose linear layers meet: the last
-    batch to reach a linear layer multiplies the rows of all of them in one matmul, and each takes its own rows.
+    """The batches of one gang running one layer side by side, a thread each, whose linear layers meet: once every
+    batch still running waits at a linear layer, each meeting with batches at it multiplies all their rows in one
+    matmul, and each batch takes its own rows. A batch that takes another path through the layer (calls a linear
+    layer the others do not, or finishes first) only makes a meeting smaller: it never waits for one that cannot come.
 
     MKL computes each row of a matmul of 5 rows or more alike whatever the other rows (measured at every shape of
     the 1B benchmark and of SmolLM2), so a batch's states are those of a forward of that batch alone; a batch of
@@ -92,29 +94,47 @@ class _Gang:
     def __init__(self, size: int):
         self.size = size
         self._cond = threading.Condition()
-        self._meetings: dict[tuple, dict] = {}  # (module, its call count) -> inputs by slot, and the outputs
+        # The meetings not yet held, by (module, its call count): inputs by slot, then the outputs. A batch that comes
+        # to a meeting already held (the others went on without it) opens a new one.
+        self._open: dict[tuple, dict] = {}
+        self._waiting = 0   # batches waiting at a meeting not yet held
+        self._finished = 0  # batches done with the layer
         self._broken = False
 
     def linear(self, module, x, slot: int, call: int):
+        with self._cond:
+            meeting = self._open.setdefault((module, call), {"module": module, "inputs": {}, "outputs": None})
+            meeting["inputs"][slot] = x
+            self._waiting += 1
+            self._meet_if_all_wait()
+            self._cond.wait_for(lambda: meeting["outputs"] is not None or self._broken)
+            if meeting["outputs"] is None:
+                raise _GangBroken
+            return meeting["outputs"][slot]
+
+    def finish(self) -> None:
+        """The calling batch is done with the layer; meetings no longer wait for it."""
+        with self._cond:
+            self._finished += 1
+            self._meet_if_all_wait()
+
+    def _meet_if_all_wait(self) -> None:
+        """With the lock held: once every running batch waits, every meeting that has batches multiplies."""
+        if self._broken or not self._waiting or self._waiting + self._finished < self.size:
+            return
         import torch
 
-        with self._cond:
-            meeting = self._meetings.setdefault((module, call), {"inputs": [None] * self.size, "outputs": None})
-            meeting["inputs"][slot] = x
-            if any(i is None for i in meeting["inputs"]):
-                self._cond.wait_for(lambda: meeting["outputs"] is not None or self._broken)
-                if meeting["outputs"] is None:
-                    raise _GangBroken
-                return meeting["outputs"][slot]
-        inputs = meeting["inputs"]
-        rows = torch.nn.functional.linear(torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs]), module.weight,
-                                          module.bias)
-        outputs = [part.reshape(*i.shape[:-1], part.shape[-1])
-                   for part, i in zip(rows.split([i.numel() // i.shape[-1] for i in inputs]), inputs)]
-        with self._cond:
-            meeting["outputs"] = outputs
-            self._cond.notify_all()
-        return outputs[slot]
+        for meeting in self._open.values():
+            slots, inputs = zip(*sorted(meeting["inputs"].items()))
+            module = meeting["module"]
+            rows = torch.nn.functional.linear(torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs]), module.weight,
+                                              module.bias)
+            parts = rows.split([i.numel() // i.shape[-1] for i in inputs])
+            meeting["outputs"] = {slot: part.reshape(*i.shape[:-1], part.shape[-1])
+                                  for slot, part, i in zip(slots, parts, inputs)}
+        self._open.clear()
+        self._waiting = 0
+        self._cond.notify_all()
 
     def break_up(self) -> None:
         with self._cond:
@@ -276,12 +296,15 @@ class LayerPass:
             # A batch alone multiplies by itself (no meeting, no copy of its rows).
             _running.gang, _running.slot, _running.calls = (gang if gang.size > 1 else None), slot, {}
             try:
-                results[batch] = run(batch)
+                try:
+                    results[batch] = run(batch)
+                finally:
+                    _running.gang = None
+                    gang.finish()
             except BaseException as err:  # raised below, on the calling thread
                 errors.append(err)
                 gang.break_up()
             finally:
-                _running.gang = None
                 torch.set_num_threads(threads)
 
         def run_gangs(first: int) -> None:
