@@ -103,7 +103,7 @@ class _Gang:
 
     def linear(self, module, x, slot: int, call: int):
         with self._cond:
-            meeting = self._open.setdefault((module, call), {"module": module, "inputs": {}, "outputs": None})
+            meeting = self._open.setdefault((module, call), {"inputs": {}, "outputs": None})
             meeting["inputs"][slot] = x
             self._waiting += 1
             self._meet_if_all_wait()
@@ -124,9 +124,8 @@ class _Gang:
             return
         import torch
 
-        for meeting in self._open.values():
+        for (module, _call), meeting in self._open.items():
             slots, inputs = zip(*sorted(meeting["inputs"].items()))
-            module = meeting["module"]
             rows = torch.nn.functional.linear(torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs]), module.weight,
                                               module.bias)
             parts = rows.split([i.numel() // i.shape[-1] for i in inputs])
@@ -296,15 +295,13 @@ class LayerPass:
             # A batch alone multiplies by itself (no meeting, no copy of its rows).
             _running.gang, _running.slot, _running.calls = (gang if gang.size > 1 else None), slot, {}
             try:
-                try:
-                    results[batch] = run(batch)
-                finally:
-                    _running.gang = None
-                    gang.finish()
+                results[batch] = run(batch)
+                gang.finish()  # a failed batch breaks the gang up instead
             except BaseException as err:  # raised below, on the calling thread
                 errors.append(err)
                 gang.break_up()
             finally:
+                _running.gang = None
                 torch.set_num_threads(threads)
 
         def run_gangs(first: int) -> None:
