@@ -9,19 +9,21 @@ def main() -> None:
     import os
     import sys
 
-    from moelab.signals import Interrupted, stop_signals_unwind
+    from moelab.signals import Interrupted, reported, stop_signals_unwind
 
     # Large CPU tensors on transparent huge pages (torch reads this at its first allocation): a build allocates
     # gigabytes of fresh tensors, and on 4 KB pages faulting them in cost a 4x1B build 2 s of system time.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
     try:
-        with stop_signals_unwind():
+        with stop_signals_unwind():  # around the command too: a signal that came mid-import is raised after it
             from moelab.cli import main as run_command_line
+
+            run_command_line()
     except Interrupted as stop:
+        reported(stop)
         sys.stderr.write(f"interrupted ({stop.signal_name})\n")
         sys.exit(stop.code)
-    run_command_line()
 
 
 def command() -> None:

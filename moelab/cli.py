@@ -17,7 +17,7 @@ from moelab.eval.remote import DEFAULT_GPU, DEFAULT_IMAGE  # light: defaults for
 from moelab.recipe import MAX_SEED
 from moelab.redact import clean_secret, mask, secret_from_env
 from moelab.run import DEMO_LIMIT  # light: a default for --help
-from moelab.signals import Interrupted, stop_signals_unwind
+from moelab.signals import Interrupted, reported, stop_signals_unwind
 
 app = typer.Typer(
     help="Build Mixture-of-Experts models from dense fine-tunes, then probe, evaluate, compare and publish them.",
@@ -499,6 +499,7 @@ def main() -> None:
             print_error(str(err))
             sys.exit(2)
         except Interrupted as stop:
+            reported(stop)
             console.print(f"[red]interrupted[/red] ({stop.signal_name})", highlight=False)
             sys.exit(stop.code)
         except Exception as err:
