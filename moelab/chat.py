@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -54,8 +55,10 @@ def generate_traced(moe: MoeModel, input_ids: Sequence[int], settings: Generatio
                                  streamer=streamer)
         answer_ids = out.sequences[0, len(input_ids):].tolist()
         if trace and answer_ids:
-            # generate never feeds its last token back; one more step through the cache routes it too.
-            moe.model(out.sequences[:, -1:], past_key_values=out.past_key_values, logits_to_keep=1)
+            # generate never feeds its last token back; one more step through the cache routes it too. The cache
+            # is `cache` from transformers 5.25 on (`past_key_values` goes in 5.40), `past_key_values` before.
+            cache = "cache" if "cache" in inspect.signature(moe.model.forward).parameters else "past_key_values"
+            moe.model(out.sequences[:, -1:], **{cache: getattr(out, cache)}, logits_to_keep=1)
     answer = moe.tokenizer.decode(answer_ids, skip_special_tokens=True)
     if not trace:
         return answer, None
