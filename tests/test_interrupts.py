@@ -90,7 +90,8 @@ def test_a_ctrl_c_during_the_imports_is_one_line(delay_s, tmp_path, tiny_moe_dir
     time.sleep(delay_s)  # past the interpreter's start: Typer, rich and moelab (0.5 s), then torch and lm-eval
     assert process.poll() is None
     stop(process, signal.SIGINT)
-    assert list(tmp_path.iterdir()) == []
+    # On a fast machine the later signals come after the first requests: their resume cache is all that stays.
+    assert [p.name for p in tmp_path.iterdir()] in ([], ["nous.json.partial"])
 
 
 @pytest.mark.parametrize("signum", list(EXIT_CODES))
