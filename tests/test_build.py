@@ -279,6 +279,39 @@ def test_random_gates_are_seeded_and_scaled(tmp_path, tiny_dense):
     assert g1.abs().max() <= 64 ** -0.5
 
 
+MODELLING_LOADED = """
+import re, sys
+from pathlib import Path
+from moelab.build import BuildOptions, build_moe
+from moelab.recipe import parse_recipe
+
+recipe = Path(sys.argv[1])
+build_moe(parse_recipe(recipe.read_text(), str(recipe)), recipe.read_text(), recipe.parent / "moe",
+          BuildOptions(show_progress=False), recipe_dir=recipe.parent)
+# the base of every model class, and the model classes themselves (the auto mapping's module is no model class)
+print(sorted(m for m in sys.modules
+             if re.fullmatch(r"transformers[.](modeling_utils|models[.](?!auto[.])[a-z0-9_]+[.]modeling_[a-z0-9_]+)", m)))
+"""
+
+
+@pytest.mark.parametrize("gate_mode, hidden_act, loaded", [
+    ("random", "silu", []), ("cheap_embed", "silu", []),
+    # an activation outside the common ones: only a model of the config shows whether transformers has it
+    ("random", "gelu_10", ["transformers.modeling_utils", "transformers.models.mixtral.modeling_mixtral"])])
+def test_gates_without_a_pass_load_no_modelling_code(tmp_path, tiny_dense, gate_mode, hidden_act, loaded):
+    a, b = tiny_dense("a", seed=0, hidden_act=hidden_act), tiny_dense("b", seed=1, hidden_act=hidden_act)
+    recipe, _ = write_recipe(tmp_path, base_model=str(a), gate_mode=gate_mode, experts=[
+        {"source_model": str(a), "positive_prompts": ["The answer is 42"]},
+        {"source_model": str(b), "positive_prompts": ["def add(a, b): return a + b"]}])
+    run = subprocess.run([sys.executable, "-c", MODELLING_LOADED, str(recipe)], capture_output=True, text=True,
+                         timeout=300)
+
+    assert run.returncode == 0, run.stderr
+    modules = yaml.safe_load(run.stdout.strip().splitlines()[-1])
+    assert modules == loaded
+    assert json.loads((tmp_path / "moe" / "config.json").read_text())["hidden_act"] == hidden_act
+
+
 def test_noise_and_residual_scale(tmp_path, tiny_dense):
     a, b = tiny_dense("a", seed=0), tiny_dense("b", seed=1)
     out = build(tmp_path, base_model=str(a), gate_mode="random", dtype="float32",
