@@ -31,7 +31,8 @@ class Interrupted(SystemExit):
 
 # The interruption the run reported, once it has; an Interrupted dropped before that was swallowed somewhere.
 _reported: list[Interrupted] = []
-# When each signal first waited for an import to finish; one that never does cannot hold it back for ever.
+# When each signal, still to be raised, first waited for an import to finish; one that never finishes cannot
+# hold it back for ever.
 _waiting_since: dict[int, float] = {}
 LONGEST_WAIT_S = 10.0
 
@@ -49,6 +50,7 @@ def _raise_interrupted(signum, frame) -> None:
     if _inside_an_import(frame) and now - _waiting_since.setdefault(signum, now) < LONGEST_WAIT_S:
         _send_again_soon(signum)
         return
+    _waiting_since.pop(signum, None)
     if signum == signal.SIGHUP:
         _detach_from_closed_terminal()
     raise _watched(Interrupted(signum))
