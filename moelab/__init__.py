@@ -21,7 +21,7 @@ def main() -> None:
 
             run_command_line()
     except Interrupted as stop:
-        reported(stop)
+        reported()
         sys.stderr.write(f"interrupted ({stop.signal_name})\n")
         sys.exit(stop.code)
 

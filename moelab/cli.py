@@ -499,7 +499,7 @@ def main() -> None:
             print_error(str(err))
             sys.exit(2)
         except Interrupted as stop:
-            reported(stop)
+            reported()
             console.print(f"[red]interrupted[/red] ({stop.signal_name})", highlight=False)
             sys.exit(stop.code)
         except Exception as err:

@@ -29,17 +29,17 @@ class Interrupted(SystemExit):
         return signal.Signals(self.signum).name
 
 
-# The interruption the run reported, once it has; an Interrupted dropped before that was swallowed somewhere.
-_reported: list[Interrupted] = []
+# Set once the run reports its interruption; an Interrupted dropped before that was swallowed somewhere.
+_reported = threading.Event()
 # When each signal, still to be raised, first waited for an import to finish; one that never finishes cannot
 # hold it back for ever.
 _waiting_since: dict[int, float] = {}
 LONGEST_WAIT_S = 10.0
 
 
-def reported(stop: Interrupted) -> None:
-    """The run ends on this interruption now: a dropped Interrupted after it is no lost signal."""
-    _reported.append(stop)
+def reported() -> None:
+    """The run ends on its interruption now: a dropped Interrupted after this is no lost signal."""
+    _reported.set()
 
 
 def _raise_interrupted(signum, frame) -> None:
@@ -77,14 +77,14 @@ def _watched(stop: Interrupted) -> Interrupted:
 
 def _send_again_soon(signum: int) -> None:
     # From a thread, a moment later: sent at once, the signal would land where it was just put off or ignored.
-    if not _reported:
+    if not _reported.is_set():
         resend = threading.Timer(0.05, _send_if_still_handled, (signum,))
         resend.daemon = True
         resend.start()
 
 
 def _send_if_still_handled(signum: int) -> None:
-    if not _reported and signal.getsignal(signum) is _raise_interrupted:
+    if not _reported.is_set() and signal.getsignal(signum) is _raise_interrupted:
         os.kill(os.getpid(), signum)
 
 

@@ -140,13 +140,22 @@ def test_a_signal_whose_exception_was_swallowed_arrives_again(where):
     assert time.monotonic() - started < 8
 
 
+HUNG_IMPORT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from moelab.signals import Interrupted, stop_signals_unwind
+
+try:
+    with stop_signals_unwind():
+        import hung
+except Interrupted as stop:
+    print("stopped by", stop.signal_name)
+"""
+
+
 def test_a_signal_waits_for_an_import_but_not_for_ever(tmp_path):
     (tmp_path / "hung.py").write_text("import time\ntime.sleep(60)\n")  # an import that never finishes
-    script = ("import sys, time\nsys.path.insert(0, sys.argv[1])\n"
-              "from moelab.signals import Interrupted, stop_signals_unwind\n"
-              "try:\n    with stop_signals_unwind():\n        import hung\n"
-              "except Interrupted as stop:\n    print('stopped by', stop.signal_name)\n")
-    process = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-c", HUNG_IMPORT, str(tmp_path)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     time.sleep(2)  # into the import
     process.send_signal(signal.SIGTERM)
