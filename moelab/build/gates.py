@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+from moelab.build.decoder import plain_tokenizer
 from moelab.build.layouts import is_dense_mlp
 from moelab.build.layer_pass import EMBEDDING, LayerPass, layer_of, layer_prefix, prompt_batches
 
@@ -75,16 +76,16 @@ def cheap_embed_gates(embedding, tokenizer, experts: Sequence[Expert], num_layer
     return torch.stack(rows).unsqueeze(0).expand(num_layers, -1, -1).clone()
 
 
-def gate_pass_model(base_dir: Path, device: str, load_in_4bit: bool, load_in_8bit: bool):
+def gate_pass_model(base_dir: Path, base_config: dict, device: str, load_in_4bit: bool, load_in_8bit: bool):
     """(model, streamed) for the hidden-state pass: the base's modules without weights, which the pass loads layer
     by layer; or, for bitsandbytes 4/8-bit on CUDA, the whole quantized base model."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from moelab.build.layer_pass import skeleton_model
 
     device = resolve_device(device)
     if load_in_4bit or load_in_8bit:
+        import torch
+        from transformers import AutoModelForCausalLM
+
         if device != "cuda":
             raise MoelabError("--load-in-4bit/--load-in-8bit need a CUDA GPU (bitsandbytes); drop the flag on CPU")
         try:
@@ -97,7 +98,13 @@ def gate_pass_model(base_dir: Path, device: str, load_in_4bit: bool, load_in_8bi
             quantization_config=BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit))
         model.eval()
         return model, False
-    return skeleton_model(base_dir, device), True
+    return skeleton_model(base_dir, base_config, device), True
+
+
+def _transformers_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def resolve_device(device: str) -> str:
@@ -199,7 +206,8 @@ class RouterRows:
         if self._thread is not None or self._layers_done == self.num_layers:
             return False
         if self.mode != "cheap_embed":
-            self._model, self._streamed = gate_pass_model(self.base.folder, self.device, *self.quantized)
+            self._model, self._streamed = gate_pass_model(self.base.folder, self.base.config, self.device,
+                                                          *self.quantized)
         self._note = note
         self._thread = threading.Thread(target=self._compute, args=(threads, torch.get_num_threads()),
                                         name="moelab-routers", daemon=True)
@@ -288,9 +296,7 @@ class RouterRows:
 
     def _prepare(self) -> None:
         """The tokenizer, and for the modes with a pass its model and prompt batches."""
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(self.base.folder)
+        self.tokenizer = plain_tokenizer(self.base.folder, self.base.config.get("model_type")) or _transformers_tokenizer(self.base.folder)
         if self.mode == "cheap_embed":
             return
         self._groups = []  # per expert: (positive group, negative group or None), None without prompts

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from moelab.build.decoder import decoder_model, decoder_spec
+
 PROMPT_BATCH = 32
 # Batches of this many rows (prompts x tokens) in all, at most GANG_BATCHES of them, multiply by each weight matrix
 # together. A matmul of few rows costs about the read of the weights (1B MLP, one thread: 4 x 8 rows apart 70 ms,
@@ -349,8 +351,15 @@ def _cast(value, dtype):
     return value
 
 
-def skeleton_model(base_dir: Path, device: str):
-    """The base model's modules on the meta device (no weights), with real rotary position embeddings."""
+def skeleton_model(base_dir: Path, base_config: dict, device: str):
+    """The base model's modules on the meta device (no weights), with real rotary position embeddings: moelab's
+    own for the Llama family (moelab.build.decoder, which imports no transformers code), else transformers'."""
+    spec = decoder_spec(base_config)
+    return decoder_model(spec, device) if spec is not None else transformers_skeleton(base_dir, device)
+
+
+def transformers_skeleton(base_dir: Path, device: str):
+    """transformers' model of the base on the meta device, with real rotary position embeddings."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
