@@ -3,8 +3,9 @@
 Gate modes that read hidden states need, at layer l, only what layers 0..l do to the prompts. So the pass keeps the
 prompts' hidden states (small) and never the model: layer l's weights arrive (from the build's single streaming
 read of the sources), run over every batch, and are dropped before layer l + 1's arrive. Each layer computes
-exactly what a whole-model forward computes for the same batch (same decoder-layer module, same masks and
-position embeddings), so the router rows do not depend on which way they were computed.
+exactly what a whole-model forward of transformers computes for the same batch (the same decoder-layer code, or for
+the Llama family moelab.build.decoder's, which computes the same operations; the same masks and position
+embeddings), so the router rows do not depend on which way they were computed.
 """
 
 from __future__ import annotations
