@@ -101,7 +101,11 @@ def gate_pass_model(base_dir: Path, base_config: dict, device: str, load_in_4bit
     return skeleton_model(base_dir, base_config, device), True
 
 
-def _transformers_tokenizer(folder: Path):
+def prompt_tokenizer(folder: Path, model_type: Optional[str]):
+    """The base's tokenizer for the prompts: a PlainTokenizer where it gives transformers' ids, else transformers'."""
+    plain = plain_tokenizer(folder, model_type)
+    if plain is not None:
+        return plain
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder)
@@ -296,7 +300,7 @@ class RouterRows:
 
     def _prepare(self) -> None:
         """The tokenizer, and for the modes with a pass its model and prompt batches."""
-        self.tokenizer = plain_tokenizer(self.base.folder, self.base.config.get("model_type")) or _transformers_tokenizer(self.base.folder)
+        self.tokenizer = prompt_tokenizer(self.base.folder, self.base.config.get("model_type"))
         if self.mode == "cheap_embed":
             return
         self._groups = []  # per expert: (positive group, negative group or None), None without prompts
